@@ -1,0 +1,163 @@
+"""`ocr-cluster`: train | eval | sweep | results | data | models.
+
+Errors are one line on stderr and a non-zero exit: 2 for bad input (config, arguments, URLs),
+3 for a verb whose capability is not in this version yet, 1 for anything else. `--debug` shows
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ocr_cluster import __version__, config
+from ocr_cluster.storage import StorageError
+
+EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NOT_AVAILABLE = 1, 2, 3
+
+
+class UserError(Exception):
+    """Bad input found outside config parsing; the message is one line for the user."""
+
+
+class NotAvailable(Exception):
+    """The verb's capability has not landed in this version."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + error
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _not_available(capability: str):
+    def run(args: argparse.Namespace) -> int:
+        raise NotAvailable(f"not available in ocr_cluster {__version__}: "
+                           f"the {capability} capability has not landed yet")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def _load_config(args: argparse.Namespace) -> config.Config:
+    return config.load(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    if args.print_config:
+        print(f"# run_id: {cfg.run_id}")
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.print_run_id:
+        print(cfg.run_id)
+        return 0
+    return _not_available("training (Ray Train job)")(args)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None,
+                        help="job YAML (jobs/<name>.yaml); omitted = the embedded default job")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set data.batch_size=16 (repeatable)")
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+
+    parser = _Parser(prog="ocr-cluster", parents=[common],
+                     description="Train and sweep OCRNet semantic segmentation on Ray and SLURM clusters.")
+    parser.add_argument("--version", action="version", version=f"ocr_cluster {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
+
+    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, parents=[common], help=help_text, description=help_text)
+
+    train = verb("train", "train one job on Ray Train (same as python -m ocr_cluster.train)")
+    _add_config_args(train)
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (YAML, with its run id) and exit")
+    train.add_argument("--print-run-id", action="store_true", help="print the deterministic run id and exit")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = verb("eval", "evaluate a checkpoint (mIoU, per-class IoU)")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint URI (any fsspec URL)")
+    evaluate.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test")
+    evaluate.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode")
+    evaluate.set_defaults(func=_not_available("evaluation"))
+
+    def group(name: str, help_text: str, actions: dict[str, tuple[str, list[tuple[str, dict]]]],
+              capability: str) -> None:
+        sub = verb(name, help_text).add_subparsers(dest="action", metavar="ACTION", required=True,
+                                                   parser_class=_Parser)
+        for action, (action_help, arguments) in actions.items():
+            p = sub.add_parser(action, parents=[common], help=action_help, description=action_help)
+            for flag, kwargs in arguments:
+                p.add_argument(flag, **kwargs)
+            p.set_defaults(func=_not_available(capability))
+
+    store = ("--store", {"required": True, "metavar": "URI", "help": "results store root"})
+    group("sweep", "launch and follow an ablation grid on SLURM or Ray Tune", {
+        "plan": ("list the cells of a grid and their run ids", [("grid", {"help": "sweeps/<grid>.yaml"})]),
+        "launch": ("submit every missing cell of a grid", [("grid", {"help": "sweeps/<grid>.yaml"})]),
+        "status": ("show the state of each cell", [("grid", {"help": "sweeps/<grid>.yaml"})]),
+    }, "sweep")
+    group("results", "query the results store", {
+        "table": ("tables in the seeds' format", [store]),
+        "show": ("one run in full", [("run_id", {}), store]),
+        "plot": ("plot a metric against a field", [store]),
+        "reconcile": ("missing / failed / duplicated cells of a sweep", [store]),
+    }, "results store")
+    group("data", "make, convert and inspect sharded datasets", {
+        "convert": ("convert an official dataset layout to Parquet shards",
+                    [("dataset", {}), ("src", {}), ("dst", {})]),
+        "synth": ("write a synthetic dataset", [("dst", {})]),
+        "inspect": ("counts, class histogram and shard sizes", [("uri", {})]),
+    }, "sharded-data")
+    group("models", "the model zoo", {
+        "list": ("every backbone x head with its parameter count", []),
+        "info": ("params, GFLOPs and output stride of one model", []),
+        "convert": ("convert an mmseg / HRNet-OCR checkpoint", [("src", {}), ("dst", {})]),
+    }, "model zoo")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "ocr-cluster") -> int:
+    parser = build_parser()
+    parser.prog = prog
+    args = parser.parse_args(argv)
+    # `python -m ocr_cluster.train` names itself; `ocr-cluster` names the verb and action too.
+    args.prog = prog if prog != "ocr-cluster" else " ".join(
+        p for p in (prog, args.verb, getattr(args, "action", None)) if p)
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args) or 0
+    except (config.ConfigError, StorageError, UserError) as exc:
+        if debug:
+            raise
+        print(f"{args.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NotAvailable as exc:
+        print(f"{args.prog}: {exc}", file=sys.stderr)
+        return EXIT_NOT_AVAILABLE
+    except KeyboardInterrupt:
+        print(f"{args.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns failures into one line
+        if debug:
+            raise
+        print(f"{args.prog}: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""The configuration tree: dataclasses, YAML loading, `--set a.b=c` overrides, validation, run ids.
+
+A job file is YAML read with a `yaml.SafeLoader` (that also reads `5e-4` as a float). It may name one parent with `base: other.yaml`
+(resolved next to the file, like mmseg's `_base_`); the child's mapping is merged into the
+parent's key by key, and lists are replaced whole. Every key must exist in the tree below,
+every value must have the field's type, and fields with a fixed set of values name it.
+
+The defaults are the embedded default job: a small model trained on synthetic shards on a local
+Ray cluster with CPU workers, results in ./results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ocr_cluster.models.names import BACKBONES, HEADS
+
+DATASETS = ("synthetic", "cityscapes", "ade20k", "voc-aug", "pascal-context", "pascal-context-59",
+            "coco-stuff164k", "coco-stuff10k", "lip")
+
+# Bump when a default below changes what a training computes, so old run ids are not reused for it.
+RUN_ID_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """Bad configuration input; the message is one line meant for the user."""
+
+
+def choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def opt(default: Any, doc: str = "", *, hashed: bool = True) -> Any:
+    """A field; `hashed=False` keeps it out of the run id (where it does not change what is trained)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, "hashed": hashed})
+    return field(default=default, metadata={"doc": doc, "hashed": hashed})
+
+
+SIZE_RE = re.compile(r"^\d+x\d+$")
+
+
+@dataclass
+class RunSection:
+    name: str = opt("quickstart", "human-readable job name (defaults to the YAML file's stem)", hashed=False)
+    seed: int = opt(0, "global seed; data order and initialisation derive from it")
+    sweep: str = opt("", "name of the sweep this run belongs to, empty for a single job", hashed=False)
+
+
+@dataclass
+class ModelSection:
+    backbone: str = choice("hrnetv2_w18_small", BACKBONES)
+    head: str = choice("ocr", HEADS)
+    num_classes: int | None = opt(None, "number of classes; taken from the dataset manifest when unset")
+    align_corners: bool = opt(False, "False as mmseg; True for the HRNet-OCR / openseg recipes")
+    norm: str = choice("syncbn", ("syncbn", "bn"), "syncbn becomes plain BN with a single worker")
+    dropout_ratio: float | None = opt(None, "dropout before the classifiers; unset = the head's default")
+    pretrained: str = opt("", "URI of a full-model checkpoint (this project's, mmseg's or HRNet-OCR's)")
+    pretrained_backbone: str = opt("", "URI of ImageNet backbone weights (MSRA HRNet / mmseg V1c ResNet)")
+
+
+@dataclass
+class DataSection:
+    dataset: str = choice("synthetic", DATASETS)
+    uri: str = opt("./data/synthetic", "where the dataset's Parquet shards live (s3://, gs://, file://, path)",
+                   hashed=False)
+    crop_size: str = opt("128x128", "training crop, HxW")
+    scale: str = opt("256x256", "base image scale for random resize (mmseg img_scale), WxH")
+    ratio_range: list[float] = opt([0.5, 2.0], "random resize ratio range")
+    cat_max_ratio: float = opt(0.75, "largest share one class may have of a random crop")
+    flip_prob: float = opt(0.5)
+    photometric: bool = opt(True, "mmseg PhotoMetricDistortion")
+    mean: list[float] = opt([123.675, 116.28, 103.53], "RGB mean on 0-255 pixels")
+    std: list[float] = opt([58.395, 57.12, 57.375], "RGB std on 0-255 pixels")
+    batch_size: int = opt(8, "global batch (all workers, after gradient accumulation)")
+    skip_bad_samples: bool = opt(False, "skip undecodable or out-of-range samples instead of failing",
+                                 hashed=False)
+
+
+@dataclass
+class LossSection:
+    reduction: str = choice("mmseg", ("mmseg", "valid"),
+                            "mmseg averages over all pixels; valid averages over non-ignored pixels (PyTorch)")
+    aux_weight: float = opt(0.4, "weight of auxiliary / soft-region heads")
+    ohem: bool = opt(False, "online hard example mining")
+    ohem_thresh: float = opt(0.7)
+    ohem_min_kept: int = opt(100000)
+    class_weight: list[float] = opt([], "per-class CE weights; empty = uniform")
+
+
+@dataclass
+class OptimizerSection:
+    type: str = choice("sgd", ("sgd", "adamw"))
+    lr: float = opt(0.01)
+    momentum: float = opt(0.9)
+    weight_decay: float = opt(5e-4)
+    head_lr_mult: float = opt(1.0, "lr multiplier for the non-backbone parameters (HRNet-OCR uses 10 on some sets)")
+
+
+@dataclass
+class ScheduleSection:
+    iters: int = opt(1000, "training iterations")
+    policy: str = choice("poly", ("poly",))
+    power: float = opt(0.9)
+    min_lr: float = opt(1e-4, "mmseg uses 1e-4; HRNet-OCR / openseg use 0")
+    warmup_iters: int = opt(0)
+    warmup_ratio: float = opt(0.1, "warm-up starts at lr * warmup_ratio")
+    checkpoint_interval: int = opt(0, "iterations between checkpoints; 0 = iters/10", hashed=False)
+    log_interval: int = opt(50, hashed=False)
+
+
+@dataclass
+class EvaluationSection:
+    interval: int = opt(0, "iterations between evaluations; 0 = iters/10", hashed=False)
+    mode: str = choice("whole", ("whole", "slide"))
+    slide_crop: str = opt("512x1024", "slide-window size, HxW")
+    slide_stride: str = opt("341x682", "slide-window stride, HxW")
+    ms_flip: bool = opt(False, "also report multi-scale + flip mIoU at the end")
+    ms_ratios: list[float] = opt([0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+
+
+@dataclass
+class ClusterSection:
+    address: str = opt("", "Ray address; empty = RAY_ADDRESS or a local cluster", hashed=False)
+    num_workers: int = opt(2, "Ray Train workers (one per GPU on a GPU cluster)", hashed=False)
+    use_gpu: bool = opt(False, hashed=False)
+    cpus_per_worker: float = opt(1.0, hashed=False)
+    amp: str = choice("auto", ("auto", "bf16", "fp16", "none"), "auto = bf16 on GPU, none on CPU")
+    max_failures: int = opt(3, "worker-group restarts before the run fails for good", hashed=False)
+
+
+@dataclass
+class StorageSection:
+    checkpoint_uri: str = opt("./runs", "Ray storage_path: checkpoints live under <this>/<run_id>", hashed=False)
+    num_to_keep: int = opt(2, "checkpoints kept per run", hashed=False)
+
+
+@dataclass
+class ResultsSection:
+    store_uri: str = opt("./results", "results store root (one Parquet file per run attempt)", hashed=False)
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from plain data, with validation
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key) if len(inner) == 1 else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise _unknown_key(full, list(fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, full)
+            continue
+        value = _coerce(value, tp, full)
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{full}: unknown value {value!r}{hint}; valid choices: {', '.join(choices)}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    """Checks that span a single field's type: formats and ranges."""
+    for key, value in [("data.crop_size", cfg.data.crop_size), ("data.scale", cfg.data.scale),
+                       ("evaluation.slide_crop", cfg.evaluation.slide_crop),
+                       ("evaluation.slide_stride", cfg.evaluation.slide_stride)]:
+        if not SIZE_RE.match(value) or 0 in parse_size(value):
+            raise ConfigError(f"{key}: expected a size like '512x1024', got {value!r}")
+    positive = [("data.batch_size", cfg.data.batch_size), ("schedule.iters", cfg.schedule.iters),
+                ("optimizer.lr", cfg.optimizer.lr), ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)]
+    if cfg.model.num_classes is not None:
+        positive.append(("model.num_classes", cfg.model.num_classes))
+    for key, value in positive:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    if cfg.cluster.num_workers < 0:
+        raise ConfigError(f"cluster.num_workers: must be >= 0 (0 runs in-process), got {cfg.cluster.num_workers}")
+    lo_hi = cfg.data.ratio_range
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(f"data.ratio_range: expected [low, high] with 0 < low <= high, got {lo_hi!r}")
+    for key, seq in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
+        if len(seq) != 3:
+            raise ConfigError(f"{key}: expected 3 values (R, G, B), got {seq!r}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x1024' -> (512, 1024)."""
+    a, b = text.split("x")
+    return int(a), int(b)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    _check(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML files, inheritance and overrides
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads `5e-4` as a float (YAML 1.2), as mmseg users write it."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _merge(parent: dict, child: dict) -> dict:
+    out = dict(parent)
+    for key, value in child.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # an empty section in a child keeps the parent's
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config inheritance loops: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = _safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file path (one parent), got {base!r}")
+    return _merge(_read_yaml(path.parent / base, (*seen, path)), data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides; values are YAML scalars or flow lists (`[1, 2]`)."""
+    data = _merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"bad override {item!r}; expected section.key=value, e.g. data.batch_size=16")
+        try:
+            value = _safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"bad override {item!r}: the value is not valid YAML") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {} if child is None else child
+            node = child
+        if not isinstance(node, dict):
+            raise ConfigError(f"bad override {item!r}: '{'.'.join(parts[:-1])}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a job file (or the embedded default when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+        data.setdefault("run", {})
+        if isinstance(data["run"], dict):
+            data["run"].setdefault("name", Path(path).stem)
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists of numbers inline: readable and diff-friendly."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The whole resolved config; `load` of this text gives back an equal Config."""
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def loads_yaml(text: str) -> Config:
+    data = _safe_load(text) or {}
+    return from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic run ids
+
+
+def training_fields(cfg: Config) -> dict[str, Any]:
+    """The fields that change what is trained, leaving out those still at their default.
+
+    Leaving defaults out keeps old run ids stable when a later version adds a field (a new field's
+    default is the old behaviour). Changing a default's meaning needs a RUN_ID_VERSION bump.
+    """
+    out: dict[str, Any] = {}
+    default = Config()
+    for section in dataclasses.fields(Config):
+        current, base = getattr(cfg, section.name), getattr(default, section.name)
+        for f in dataclasses.fields(current):
+            if not f.metadata.get("hashed", True):
+                continue
+            value = getattr(current, f.name)
+            if value != getattr(base, f.name):
+                out[f"{section.name}.{f.name}"] = value
+    return out
+
+
+def run_id(cfg: Config) -> str:
+    """A short stable id of the training-relevant config: Ray run name, SLURM job name, results key."""
+    payload = json.dumps({"v": RUN_ID_VERSION, **training_fields(cfg)}, sort_keys=True, separators=(",", ":"))
+    return "r" + hashlib.sha256(payload.encode()).hexdigest()[:11]
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every field, for `--help`-style listings."""
+    rows = []
+    default = Config()
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        sec_hints = typing.get_type_hints(hints[section.name])
+        for f in dataclasses.fields(hints[section.name]):
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc = (doc + "; " if doc else "") + "one of " + ", ".join(f.metadata["choices"])
+            rows.append((f"{section.name}.{f.name}", _type_name(sec_hints[f.name]),
+                         getattr(getattr(default, section.name), f.name), doc))
+    return rows

@@ -1,0 +1,1 @@
+"""Sharded datasets: Parquet shards, converters, transforms, Ray Data pipeline."""

@@ -1,0 +1,1 @@
+"""Results store: one Parquet file per run attempt, tables, plots, published numbers."""

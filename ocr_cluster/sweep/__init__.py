@@ -1,0 +1,1 @@
+"""Sweeps: grid expansion, Ray Tune and submitit/SLURM backends."""

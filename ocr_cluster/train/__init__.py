@@ -1,0 +1,1 @@
+"""Training: per-worker loop, losses, LR schedule, evaluation, checkpoints, TorchTrainer driver."""

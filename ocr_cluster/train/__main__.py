@@ -1,0 +1,7 @@
+"""`python -m ocr_cluster.train CONFIG [--set k=v ...]`, the entry `ray job submit` runs."""
+
+import sys
+
+from ocr_cluster.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]], prog="python -m ocr_cluster.train"))
