@@ -51,6 +51,11 @@ def opt(default: Any, doc: str = "", *, hashed: bool = True) -> Any:
 SIZE_RE = re.compile(r"^\d+x\d+$")
 
 
+def size(default: str, doc: str = "", *, hashed: bool = True) -> Any:
+    """A 'HxW' (or 'WxH', as documented) size written as text, e.g. '512x1024'."""
+    return field(default=default, metadata={"doc": doc, "hashed": hashed, "size": True})
+
+
 @dataclass
 class RunSection:
     name: str = opt("quickstart", "human-readable job name (defaults to the YAML file's stem)", hashed=False)
@@ -75,8 +80,8 @@ class DataSection:
     dataset: str = choice("synthetic", DATASETS)
     uri: str = opt("./data/synthetic", "where the dataset's Parquet shards live (s3://, gs://, file://, path)",
                    hashed=False)
-    crop_size: str = opt("128x128", "training crop, HxW")
-    scale: str = opt("256x256", "base image scale for random resize (mmseg img_scale), WxH")
+    crop_size: str = size("128x128", "training crop, HxW")
+    scale: str = size("256x256", "base image scale for random resize (mmseg img_scale), WxH")
     ratio_range: list[float] = opt([0.5, 2.0], "random resize ratio range")
     cat_max_ratio: float = opt(0.75, "largest share one class may have of a random crop")
     flip_prob: float = opt(0.5)
@@ -124,8 +129,8 @@ class ScheduleSection:
 class EvaluationSection:
     interval: int = opt(0, "iterations between evaluations; 0 = iters/10", hashed=False)
     mode: str = choice("whole", ("whole", "slide"))
-    slide_crop: str = opt("512x1024", "slide-window size, HxW")
-    slide_stride: str = opt("341x682", "slide-window stride, HxW")
+    slide_crop: str = size("512x1024", "slide-window size, HxW")
+    slide_stride: str = size("341x682", "slide-window stride, HxW")
     ms_flip: bool = opt(False, "also report multi-scale + flip mIoU at the end")
     ms_ratios: list[float] = opt([0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
 
@@ -195,7 +200,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key) if len(inner) == 1 else value
+        try:
+            return _coerce(value, inner[0], key) if len(inner) == 1 else value
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})") from None
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -233,6 +241,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, full)
             continue
+        if fields[key].metadata.get("size") and not (isinstance(value, str) and SIZE_RE.match(value)
+                                                       and 0 not in parse_size(value)):
+            raise ConfigError(f"{full}: expected a size like '512x1024', got {value!r}")
         value = _coerce(value, tp, full)
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
@@ -244,12 +255,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _check(cfg: Config) -> None:
-    """Checks that span a single field's type: formats and ranges."""
-    for key, value in [("data.crop_size", cfg.data.crop_size), ("data.scale", cfg.data.scale),
-                       ("evaluation.slide_crop", cfg.evaluation.slide_crop),
-                       ("evaluation.slide_stride", cfg.evaluation.slide_stride)]:
-        if not SIZE_RE.match(value) or 0 in parse_size(value):
-            raise ConfigError(f"{key}: expected a size like '512x1024', got {value!r}")
+    """Checks beyond a single field's type: ranges and lengths."""
     positive = [("data.batch_size", cfg.data.batch_size), ("schedule.iters", cfg.schedule.iters),
                 ("optimizer.lr", cfg.optimizer.lr), ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)]
     if cfg.model.num_classes is not None:

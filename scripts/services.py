@@ -1,0 +1,319 @@
+"""Real local services for tests and CI: a Ray head, an S3 endpoint and a single-node SLURM cluster.
+
+Each runs on 127.0.0.1 only, on free ports, with state in a short temporary directory, and is stopped
+by the PIDs this module started (never `ray stop`, which would kill every Ray on the machine).
+
+    python scripts/services.py up ray|s3|slurm   # start one, print its environment, wait for Ctrl-C
+
+tests/conftest.py imports this module and starts each service once per test session, on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+S3_BUCKET = "ocr-test"
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service could not be started; the message says why."""
+
+
+@dataclass
+class Service:
+    name: str
+    env: dict[str, str]
+    pids: list[int] = field(default_factory=list)
+    workdir: Path | None = None
+    info: dict[str, str] = field(default_factory=dict)
+    own_process_groups: bool = True
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for pid in self.pids:
+            _signal(pid, signal.SIGTERM, self.own_process_groups)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in self.pids):
+            time.sleep(0.2)
+        for pid in self.pids:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL, self.own_process_groups)
+        if self.workdir and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _signal(pid: int, sig: int, group: bool) -> None:
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child (a daemon): fall back to signal 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(check, timeout: float, what: str, log: Path | None = None, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_error = exc
+        time.sleep(0.3)
+    tail = log.read_text()[-2000:] if log and log.exists() else ""
+    state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None else "timed out"
+    raise ServiceUnavailable(f"{what} {state} after {timeout:.0f}s (last error: {last_error}); log tail:\n{tail}")
+
+
+def _short_tempdir(prefix: str) -> Path:
+    # Ray's unix sockets live under its temp dir, and socket paths must stay under 107 bytes.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def start_ray(num_cpus: int = 2, object_store_mb: int = 400) -> Service:
+    ray_bin = VENV_BIN / "ray"
+    if not ray_bin.exists():
+        raise ServiceUnavailable(f"no ray executable at {ray_bin}; run `make venv`")
+    workdir = _short_tempdir("ocr_ray_")
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, **RAY_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 1024**2}",
+           f"--temp-dir={workdir}", "--disable-usage-stats"]
+    log = workdir / "ray_start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    service = Service("ray", {}, [proc.pid], workdir)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        # The job server answering is the last thing to come up; `ray job submit` needs it.
+        _wait(lambda: urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).status == 200,
+              90, "Ray head", log, proc)
+    except BaseException:
+        service.stop()
+        raise
+    service.env = {**RAY_ENV}
+    service.info = {"address": f"127.0.0.1:{gcs_port}", "dashboard_url": dashboard, "temp_dir": str(workdir)}
+    return service
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 (moto's server, as s3fs's own tests use)
+
+
+def start_s3(bucket: str = S3_BUCKET) -> Service:
+    moto_bin = VENV_BIN / "moto_server"
+    if not moto_bin.exists():
+        raise ServiceUnavailable(f"no moto_server at {moto_bin}; run `make venv`")
+    workdir = _short_tempdir("ocr_s3_")
+    port = free_port()
+    log = workdir / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(moto_bin), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    service = Service("s3", {}, [proc.pid], workdir)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{endpoint}/", timeout=2).status == 200, 30, "moto S3 server",
+              log, proc)
+        import boto3  # moto depends on it
+
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket=bucket)
+    except BaseException:
+        service.stop()
+        raise
+    service.env = env
+    service.info = {"endpoint_url": endpoint, "bucket": bucket}
+    return service
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM (Debian's slurmctld/slurmd/munge; installed by scripts/install_slurm.sh)
+
+SLURM_CONF = """\
+ClusterName=ocrtest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+StateSaveLocation={state}/ctld
+SlurmdSpoolDir={state}/slurmd
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmdPidFile={state}/slurmd.pid
+SlurmctldLogFile={state}/slurmctld.log
+SlurmdLogFile={state}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+InactiveLimit=0
+KillWait=5
+MinJobAge=300
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _munge_works() -> bool:
+    try:
+        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=5, check=True).stdout
+        subprocess.run(["unmunge"], input=cred, capture_output=True, timeout=5, check=True)
+        return True
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _start_munge() -> int | None:
+    """Start munged unless one already answers; return the PID if this call started it."""
+    if _munge_works():
+        return None
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+    run_dir = Path("/run/munge")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.chown(run_dir, "munge", "munge")
+    pidfile = run_dir / "munged.pid"
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force"], check=True,
+                   capture_output=True, timeout=20)
+    _wait(_munge_works, 15, "munged")
+    return int(pidfile.read_text().strip()) if pidfile.exists() else None
+
+
+def start_slurm() -> Service:
+    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "sinfo", "munged", "munge") if not shutil.which(b)
+               and not Path(f"/usr/sbin/{b}").exists()]
+    if missing:
+        raise ServiceUnavailable(f"SLURM is not installed (missing {', '.join(missing)}); "
+                                 "run `bash scripts/install_slurm.sh` as root")
+    if os.geteuid() != 0:
+        raise ServiceUnavailable("the single-node SLURM cluster needs root (slurmd runs jobs as their user)")
+    state = _short_tempdir("ocr_slurm_")
+    for sub in ("ctld", "slurmd"):
+        (state / sub).mkdir()
+    host = socket.gethostname().split(".")[0]
+    mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")).split()[1])
+    conf = state / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(host=host, ctld_port=free_port(), slurmd_port=free_port(), state=state,
+                                      cpus=os.cpu_count(), mem_mb=int(mem_kb / 1024 * 0.85)))
+    env = {"SLURM_CONF": str(conf)}
+    run_env = {**os.environ, **env}
+    service = Service("slurm", env, [], state, own_process_groups=False)
+    try:
+        munged = _start_munge()
+        if munged:
+            service.pids.append(munged)
+        for daemon in ("slurmctld", "slurmd"):
+            result = subprocess.run([daemon, "-f", str(conf)], env=run_env, capture_output=True, text=True,
+                                    timeout=30)
+            if result.returncode != 0:
+                log = state / f"{daemon}.log"
+                detail = (result.stderr or (log.read_text()[-1500:] if log.exists() else "")).strip()
+                raise ServiceUnavailable(f"{daemon} failed to start: {detail}")
+            pidfile = state / f"{daemon}.pid"
+            _wait(pidfile.exists, 15, f"{daemon} pid file", state / f"{daemon}.log")
+            service.pids.insert(0, int(pidfile.read_text().strip()))
+
+        def node_idle() -> bool:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=run_env, capture_output=True, text=True,
+                                 timeout=10).stdout.split()
+            return bool(out) and all(s.rstrip("*") in ("idle", "mixed", "allocated") for s in out)
+
+        _wait(node_idle, 60, "SLURM node to become idle", state / "slurmctld.log")
+    except BaseException:
+        service.stop()
+        raise
+    service.info = {"partition": "debug", "conf": str(conf), "host": host}
+    return service
+
+
+STARTERS = {"ray": start_ray, "s3": start_s3, "slurm": start_slurm}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "up" or argv[1] not in STARTERS:
+        print(f"usage: python scripts/services.py up {{{','.join(STARTERS)}}}", file=sys.stderr)
+        return 2
+    try:
+        service = STARTERS[argv[1]]()
+    except ServiceUnavailable as exc:
+        print(f"services.py: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"env": service.env, "info": service.info, "pids": service.pids}, indent=2), flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

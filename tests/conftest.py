@@ -1,0 +1,112 @@
+"""Shared fixtures: the real local services, started once per test session when a test first needs them.
+
+- `ray_cluster`: a Ray head on 127.0.0.1 (own ports and temp dir, capped object store), reachable by
+  `ray job submit` at `ray_cluster.dashboard_url` and by `ray.init(ray_cluster.address)`.
+- `s3`: moto's S3 server on 127.0.0.1 with a bucket; the AWS variables point at it for the test, and
+  `s3.url("name")` gives a fresh s3:// prefix.
+- `slurm`: a single-node SLURM cluster (slurmctld + slurmd + munge) with SLURM_CONF set for the test.
+
+With CI=true a service that cannot start fails the tests that need it; elsewhere they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import services  # noqa: E402
+
+os.environ.update(services.RAY_ENV)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _start(name: str, starter):
+    try:
+        return starter()
+    except services.ServiceUnavailable as exc:
+        message = f"{name} could not be started: {exc}"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@dataclass
+class RayCluster:
+    address: str
+    dashboard_url: str
+    env: dict[str, str]
+
+
+@dataclass
+class S3:
+    endpoint_url: str
+    bucket: str
+    env: dict[str, str]
+
+    def url(self, name: str = "t") -> str:
+        return f"s3://{self.bucket}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Slurm:
+    partition: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    service = _start("the Ray head", services.start_ray)
+    yield RayCluster(service.info["address"], service.info["dashboard_url"], service.env)
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def _s3_service():
+    service = _start("the S3 endpoint (moto)", services.start_s3)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def s3(_s3_service, monkeypatch) -> S3:
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in _s3_service.env.items():
+        monkeypatch.setenv(key, value)
+    return S3(_s3_service.info["endpoint_url"], _s3_service.info["bucket"], dict(_s3_service.env))
+
+
+@pytest.fixture(scope="session")
+def _slurm_service():
+    service = _start("the SLURM cluster", services.start_slurm)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def slurm(_slurm_service, monkeypatch) -> Slurm:
+    for key, value in _slurm_service.env.items():
+        monkeypatch.setenv(key, value)
+    return Slurm(_slurm_service.info["partition"], dict(_slurm_service.env))
+
+
+@pytest.fixture
+def cli():
+    """Run `ocr-cluster ARGS...` (or another entry via `module=`) in a subprocess of the test venv."""
+
+    def run(*args: str, module: str | None = None, env: dict[str, str] | None = None, timeout: float = 120,
+            cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", module] if module else [str(Path(sys.executable).parent / "ocr-cluster")]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})}, cwd=cwd or REPO)
+
+    return run

@@ -1,0 +1,91 @@
+"""The `ocr-cluster` entry point and `python -m ocr_cluster.train`, run as a user runs them."""
+
+from __future__ import annotations
+
+import pytest
+
+from ocr_cluster import config
+
+VERBS = ("train", "eval", "sweep", "results", "data", "models")
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{text}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def test_help_lists_every_verb(cli):
+    result = cli("--help")
+    assert result.returncode == 0
+    for verb in VERBS:
+        assert f"\n    {verb} " in result.stdout
+
+
+@pytest.mark.parametrize("args", [[v, "--help"] for v in VERBS] + [
+    ["sweep", "launch", "--help"], ["results", "table", "--help"], ["data", "synth", "--help"],
+    ["models", "list", "--help"]])
+def test_every_verb_has_help(cli, args):
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ocr-cluster")
+
+
+def test_missing_config_file_is_one_line(cli):
+    result = cli("train", "/no/such.yaml")
+    assert result.returncode == 2
+    assert one_line(result.stderr) == "ocr-cluster train: error: config file not found: /no/such.yaml"
+    assert result.stdout == ""
+
+
+def test_typo_key_is_one_line_naming_key_and_choices(cli, tmp_path):
+    job = tmp_path / "typo.yaml"
+    job.write_text("model:\n  backbon: hrnetv2_w48\n")
+    for result in (cli("train", str(job)), cli(str(job), module="ocr_cluster.train")):
+        assert result.returncode == 2
+        line = one_line(result.stderr)
+        assert "unknown key 'model.backbon' (did you mean 'backbone'?)" in line
+        assert "valid keys here: backbone, head" in line
+
+
+def test_bad_override_is_one_line(cli):
+    result = cli("train", "--set", "model.backbone=hrnet_w48")
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert "model.backbone: unknown value 'hrnet_w48'" in line and "hrnetv2_w48" in line
+
+
+def test_unknown_verb_and_missing_argument_are_one_line(cli):
+    for args in (["fly"], ["data", "synth"], ["results"]):
+        result = cli(*args)
+        assert result.returncode == 2, args
+        assert one_line(result.stderr).startswith("ocr-cluster")
+
+
+@pytest.mark.parametrize("args", [["train"], ["eval", "--checkpoint", "x.pth"], ["sweep", "plan", "g.yaml"],
+                                  ["results", "table", "--store", "r"], ["data", "synth", "d"],
+                                  ["models", "list"]])
+def test_verbs_not_landed_say_so(cli, args):
+    """Until a capability lands its verb must say so and fail (drop it from this list when it lands)."""
+    result = cli(*args)
+    assert result.returncode == 3
+    assert "has not landed yet" in one_line(result.stderr)
+
+
+def test_print_config_round_trips(cli, tmp_path):
+    result = cli("train", "--set", "model.backbone=hrnetv2_w48", "--set", "data.batch_size=16", "--print-config")
+    assert result.returncode == 0, result.stderr
+    first, _, body = result.stdout.partition("\n")
+    cfg = config.loads_yaml(body)
+    assert cfg.model.backbone == "hrnetv2_w48" and cfg.data.batch_size == 16
+    assert first == f"# run_id: {cfg.run_id}"
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(result.stdout)
+    assert cli("train", str(dumped), "--print-run-id").stdout.strip() == cfg.run_id
+
+
+def test_debug_shows_the_traceback(cli):
+    result = cli("train", "/no/such.yaml", "--debug")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
