@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 quickstart: venv
-	$(VENV)/bin/python -m ocr_cluster.envinfo
+	$(VENV)/bin/python -m ocr_cluster.envinfo --ray
 
 # SLURM comes from Debian's packages; the script is a no-op when they are already there.
 services-install:

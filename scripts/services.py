@@ -115,7 +115,9 @@ def _short_tempdir(prefix: str) -> Path:
 # Ray
 
 
-def start_ray(num_cpus: int = 2, object_store_mb: int = 400) -> Service:
+def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
+    # Logical CPUs above the machine's 2: a 2-worker TorchTrainer must leave CPUs for Ray Data's
+    # read/map tasks, or the pipeline waits forever on its resource budget.
     ray_bin = VENV_BIN / "ray"
     if not ray_bin.exists():
         raise ServiceUnavailable(f"no ray executable at {ray_bin}; run `make venv`")
