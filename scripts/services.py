@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,8 +41,11 @@ class Service:
     workdir: Path | None = None
     info: dict[str, str] = field(default_factory=dict)
     own_process_groups: bool = True
+    marker: str = ""  # processes whose command line holds this (our unique config path) are ours too
 
     def stop(self, timeout: float = 20.0) -> None:
+        if self.marker:
+            self.pids = list(dict.fromkeys([*self.pids, *_pids_with_arg(self.marker)]))
         for pid in self.pids:
             _signal(pid, signal.SIGTERM, self.own_process_groups)
         deadline = time.monotonic() + timeout
@@ -59,6 +63,19 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         os.killpg(pid, sig) if group else os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _pids_with_arg(text: str) -> list[int]:
+    """PIDs of processes with `text` in their command line (daemons that forked away from us)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if text in proc.joinpath("cmdline").read_bytes().decode(errors="ignore"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -123,9 +140,13 @@ def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
         raise ServiceUnavailable(f"no ray executable at {ray_bin}; run `make venv`")
     workdir = _short_tempdir("ocr_ray_")
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, **RAY_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    # Ray >= 2.5x turns token auth on by itself once ~/.ray/auth_token exists (any local ray.init()
+    # writes one). Run the test head with auth on, as users' clusters are, and a token of its own.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **RAY_ENV, **auth, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
@@ -137,14 +158,15 @@ def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     service = Service("ray", {}, [proc.pid], workdir)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
+    probe = urllib.request.Request(f"{dashboard}/api/version",
+                                   headers={"Authorization": f"Bearer {auth['RAY_AUTH_TOKEN']}"})
     try:
         # The job server answering is the last thing to come up; `ray job submit` needs it.
-        _wait(lambda: urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).status == 200,
-              90, "Ray head", log, proc)
+        _wait(lambda: urllib.request.urlopen(probe, timeout=2).status == 200, 90, "Ray head", log, proc)
     except BaseException:
         service.stop()
         raise
-    service.env = {**RAY_ENV}
+    service.env = {**RAY_ENV, **auth}  # clients (ray job submit, ray.init) need the token
     service.info = {"address": f"127.0.0.1:{gcs_port}", "dashboard_url": dashboard, "temp_dir": str(workdir)}
     return service
 
@@ -266,7 +288,7 @@ def start_slurm() -> Service:
                                       cpus=os.cpu_count(), mem_mb=int(mem_kb / 1024 * 0.85)))
     env = {"SLURM_CONF": str(conf)}
     run_env = {**os.environ, **env}
-    service = Service("slurm", env, [], state, own_process_groups=False)
+    service = Service("slurm", env, [], state, own_process_groups=False, marker=str(conf))
     try:
         munged = _start_munge()
         if munged:
@@ -279,8 +301,9 @@ def start_slurm() -> Service:
                 detail = (result.stderr or (log.read_text()[-1500:] if log.exists() else "")).strip()
                 raise ServiceUnavailable(f"{daemon} failed to start: {detail}")
             pidfile = state / f"{daemon}.pid"
-            _wait(pidfile.exists, 15, f"{daemon} pid file", state / f"{daemon}.log")
-            service.pids.insert(0, int(pidfile.read_text().strip()))
+            pid = _wait(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, f"{daemon} pid file",
+                        state / f"{daemon}.log")
+            service.pids.insert(0, int(pid))
 
         def node_idle() -> bool:
             out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=run_env, capture_output=True, text=True,

@@ -1,7 +1,8 @@
 """Shared fixtures: the real local services, started once per test session when a test first needs them.
 
-- `ray_cluster`: a Ray head on 127.0.0.1 (own ports and temp dir, capped object store), reachable by
-  `ray job submit` at `ray_cluster.dashboard_url` and by `ray.init(ray_cluster.address)`.
+- `ray_cluster`: a Ray head on 127.0.0.1 (own ports and temp dir, capped object store, token auth with
+  a token of its own, exported to this process), reachable by `ray job submit` at
+  `ray_cluster.dashboard_url` and by `ray.init(ray_cluster.address)`.
 - `s3`: moto's S3 server on 127.0.0.1 with a bucket; the AWS variables point at it for the test, and
   `s3.url("name")` gives a fresh s3:// prefix.
 - `slurm`: a single-node SLURM cluster (slurmctld + slurmd + munge) with SLURM_CONF set for the test.
@@ -64,8 +65,16 @@ class Slurm:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """The shared Ray head. Its auth token is exported to this process for `ray.init(address=...)`."""
     service = _start("the Ray head", services.start_ray)
+    saved = {key: os.environ.get(key) for key in service.env}
+    os.environ.update(service.env)
     yield RayCluster(service.info["address"], service.info["dashboard_url"], service.env)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     service.stop()
 
 

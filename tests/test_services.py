@@ -40,6 +40,15 @@ def test_ray_job_submit_runs_a_package_module(ray_cluster):
     assert cluster["task"]["ocr_cluster"] == report["ocr_cluster"]
 
 
+@pytest.mark.ray
+def test_ray_head_refuses_a_wrong_token(ray_cluster):
+    env = {**os.environ, **ray_cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
+    result = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard_url],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert "403" in result.stdout + result.stderr or "Forbidden" in result.stdout + result.stderr
+
+
 @pytest.mark.slurm
 def test_submitit_job_on_slurm_imports_the_package(slurm, tmp_path):
     import submitit
