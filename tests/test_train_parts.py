@@ -1,0 +1,160 @@
+"""IoUMetric, losses and the LR schedule against independent brute-force computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ocr_cluster.config import OptimizerSection, ScheduleSection
+from ocr_cluster.train import losses, schedule
+from ocr_cluster.train.metrics import IoUMetric
+
+
+def brute_force_miou(preds, labels, k, ignore=255):
+    """mmseg's definitions, per image then summed, written plainly."""
+    inter, union, lab = np.zeros(k), np.zeros(k), np.zeros(k)
+    for p, t in zip(preds, labels):
+        p, t = p[t != ignore], t[t != ignore]
+        for c in range(k):
+            inter[c] += np.sum((p == c) & (t == c))
+            union[c] += np.sum((p == c) | (t == c))
+            lab[c] += np.sum(t == c)
+    iou = [inter[c] / union[c] if union[c] else math.nan for c in range(k)]
+    acc = [inter[c] / lab[c] if lab[c] else math.nan for c in range(k)]
+    return np.nanmean(iou) * 100, np.nanmean(acc) * 100, inter.sum() / lab.sum() * 100, iou
+
+
+def test_iou_metric_matches_brute_force():
+    gen = np.random.default_rng(0)
+    k = 6
+    preds = [gen.integers(0, k, (17, 23)) for _ in range(4)]
+    labels = [np.where(gen.random((17, 23)) < 0.1, 255, gen.integers(0, k - 1, (17, 23))) for _ in range(4)]
+    # class 5 never appears in labels; class 4 disappears from predictions too in one image only
+    metric = IoUMetric(k)
+    for p, t in zip(preds, labels):
+        metric.update(torch.from_numpy(p), torch.from_numpy(t))
+    got = metric.compute()
+    miou, macc, aacc, iou = brute_force_miou(preds, labels, k)
+    assert got["mIoU"] == round(miou, 2) and got["mAcc"] == round(macc, 2) and got["aAcc"] == round(aacc, 2)
+    assert got["IoU"][5] == 0.0  # predicted but never labelled: IoU 0 counts in the mean
+    assert math.isnan(got["Acc"][5])  # ... while its accuracy is undefined and left out
+
+
+def test_class_absent_from_both_is_excluded():
+    metric = IoUMetric(3)
+    metric.update(torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0, 1], [1, 1]]))
+    got = metric.compute()
+    assert math.isnan(got["IoU"][2])
+    assert got["mIoU"] == round((1 / 2 + 2 / 3) / 2 * 100, 2)  # mean over classes 0 and 1 only
+    assert got["aAcc"] == 75.0
+
+
+def test_reduce_zero_label():
+    metric = IoUMetric(2, reduce_zero_label=True)
+    # labels 0 (other) -> ignored, 1 -> class 0, 2 -> class 1
+    metric.update(torch.tensor([1, 0, 1, 0]), torch.tensor([0, 1, 2, 2]))
+    got = metric.compute()
+    assert got["aAcc"] == round(2 / 3 * 100, 2)
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        IoUMetric(2).update(torch.tensor([0]), torch.tensor([7]))
+
+
+def _all_reduce_worker(rank, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    metric = IoUMetric(3)
+    metric.update(torch.tensor([rank, 1]), torch.tensor([rank, 2]))
+    metric.all_reduce()
+    out[rank] = metric.compute()["mIoU"]
+    dist.destroy_process_group()
+
+
+def test_all_reduce_sums_confusion_across_ranks():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_all_reduce_worker, args=(port, out), nprocs=2, join=True)
+    single = IoUMetric(3)
+    single.update(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 2, 1, 2]))
+    assert out[0] == out[1] == single.compute()["mIoU"]
+
+
+def test_mmseg_reduction_divides_by_all_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    label = torch.randint(0, 4, (2, 8, 8))
+    label[:, :2] = 255
+    per_pixel = F.cross_entropy(logits, label, ignore_index=255, reduction="none")
+    assert torch.allclose(losses.cross_entropy(logits, label), per_pixel.sum() / label.numel())
+    assert torch.allclose(losses.cross_entropy(logits, label, reduction="valid"),
+                          F.cross_entropy(logits, label, ignore_index=255))
+    w = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    assert torch.allclose(losses.cross_entropy(logits, label, reduction="valid", class_weight=w),
+                          F.cross_entropy(logits, label, weight=w, ignore_index=255))
+    weighted = F.cross_entropy(logits, label, weight=w, ignore_index=255, reduction="none")
+    assert torch.allclose(losses.cross_entropy(logits, label, class_weight=w), weighted.mean())
+
+
+def test_logits_are_resized_to_the_label():
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[:, 1] = 5.0
+    label = torch.ones(1, 16, 16, dtype=torch.long)
+    loss = losses.cross_entropy(logits, label)
+    assert loss.item() == pytest.approx(-math.log(math.exp(5) / (1 + math.exp(5))), rel=1e-5)
+
+
+def test_ohem_keeps_hard_pixels():
+    # 10 pixels; ground-truth probabilities rise with the index
+    label = torch.zeros(1, 1, 10, dtype=torch.long)
+    logits = torch.zeros(1, 2, 1, 10)
+    logits[0, 0, 0] = torch.linspace(-3, 3, 10)
+    probs = logits.softmax(1)[0, 0, 0]
+    kept = losses.ohem_weights(logits, label, thresh=0.7, min_kept=2)[0, 0]
+    assert kept.tolist() == (probs < 0.7).float().tolist()  # threshold = max(0.7, 3rd smallest prob)
+    kept = losses.ohem_weights(logits, label, thresh=0.1, min_kept=4)[0, 0]
+    assert kept.sum() == 4  # min_kept raises the threshold to the 5th smallest probability
+    label[0, 0, :3] = 255
+    kept = losses.ohem_weights(logits, label, thresh=0.1, min_kept=4)[0, 0]
+    assert kept[:3].sum() == 0 and kept.sum() == 4
+
+
+def test_segmentation_loss_weights_heads():
+    torch.manual_seed(1)
+    label = torch.randint(0, 3, (2, 8, 8))
+    outputs = {"decode": torch.randn(2, 3, 4, 4), "aux": torch.randn(2, 3, 4, 4)}
+    total, parts = losses.segmentation_loss(outputs, label, {"decode": 1.0, "aux": 0.4})
+    assert torch.allclose(total, parts["decode"] + 0.4 * parts["aux"])
+
+
+def test_poly_schedule_with_min_lr_and_warmup():
+    cfg = ScheduleSection(iters=1000, power=0.9, min_lr=1e-4)
+    assert schedule.lr_at(0, 0.01, cfg) == pytest.approx(0.01)
+    assert schedule.lr_at(1000, 0.01, cfg) == pytest.approx(1e-4)
+    assert schedule.lr_at(500, 0.01, cfg) == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
+    hr = ScheduleSection(iters=1000, min_lr=0.0)
+    assert schedule.lr_at(999, 0.01, hr) == pytest.approx(0.01 * 0.001 ** 0.9)
+    warm = ScheduleSection(iters=1000, min_lr=0.0, warmup_iters=100, warmup_ratio=0.1)
+    assert schedule.lr_at(0, 0.01, warm) == pytest.approx(0.001)
+    assert schedule.lr_at(100, 0.01, warm) == pytest.approx(schedule.lr_at(100, 0.01, hr))
+    rates = [schedule.lr_at(i, 0.01, warm) for i in range(100)]
+    assert rates == sorted(rates)
+
+
+def test_optimizer_groups_and_head_lr_mult():
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Linear(2, 2)
+    model.head = torch.nn.Linear(2, 2)
+    opt = schedule.build_optimizer(model, OptimizerSection(lr=0.01, head_lr_mult=10.0))
+    schedule.set_lr(opt, 0, 0.01, ScheduleSection(iters=10, min_lr=0.0))
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([0.01, 0.1])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
