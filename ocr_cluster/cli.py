@@ -8,6 +8,7 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ocr_cluster import __version__, config
@@ -22,6 +23,23 @@ class UserError(Exception):
 
 class NotAvailable(Exception):
     """The verb's capability has not landed in this version."""
+
+
+# Errors raised for bad input by the capability packages (ValueError subclasses, one-line messages).
+# Looked up only in modules already imported: a module that raised one has been imported.
+BAD_INPUT_ERRORS = (
+    ("ocr_cluster.results.errors", "ResultsError"),
+    ("ocr_cluster.data.errors", "DataError"),
+    ("ocr_cluster.models.convert", "CheckpointError"),
+)
+
+
+def _is_bad_input(exc: BaseException) -> bool:
+    types = [config.ConfigError, StorageError, UserError]
+    for module, name in BAD_INPUT_ERRORS:
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            types.append(getattr(sys.modules[module], name))
+    return isinstance(exc, tuple(types))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,18 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, **kwargs)
             p.set_defaults(func=_not_available(capability))
 
-    store = ("--store", {"required": True, "metavar": "URI", "help": "results store root"})
+    def wire(name: str, help_text: str, module: str) -> None:
+        """A verb whose capability has landed: `module` has HELP {action: text} and
+        add_arguments(action, parser), which adds the action's arguments and its handler."""
+        commands = importlib.import_module(module)
+        sub = verb(name, help_text).add_subparsers(dest="action", metavar="ACTION", required=True,
+                                                   parser_class=_Parser)
+        for action, action_help in commands.HELP.items():
+            p = sub.add_parser(action, parents=[common], help=action_help, description=action_help)
+            commands.add_arguments(action, p)
+
     group("sweep", "launch and follow an ablation grid on SLURM or Ray Tune", {
         "plan": ("list the cells of a grid and their run ids", [("grid", {"help": "sweeps/<grid>.yaml"})]),
         "launch": ("submit every missing cell of a grid", [("grid", {"help": "sweeps/<grid>.yaml"})]),
         "status": ("show the state of each cell", [("grid", {"help": "sweeps/<grid>.yaml"})]),
     }, "sweep")
-    group("results", "query the results store", {
-        "table": ("tables in the seeds' format", [store]),
-        "show": ("one run in full", [("run_id", {}), store]),
-        "plot": ("plot a metric against a field", [store]),
-        "reconcile": ("missing / failed / duplicated cells of a sweep", [store]),
-    }, "results store")
+    wire("results", "query the results store", "ocr_cluster.results.commands")
     group("data", "make, convert and inspect sharded datasets", {
         "convert": ("convert an official dataset layout to Parquet shards",
                     [("dataset", {}), ("src", {}), ("dst", {})]),
@@ -140,11 +162,6 @@ def main(argv: list[str] | None = None, prog: str = "ocr-cluster") -> int:
     debug = getattr(args, "debug", False)
     try:
         return args.func(args) or 0
-    except (config.ConfigError, StorageError, UserError) as exc:
-        if debug:
-            raise
-        print(f"{args.prog}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except NotAvailable as exc:
         print(f"{args.prog}: {exc}", file=sys.stderr)
         return EXIT_NOT_AVAILABLE
@@ -154,6 +171,9 @@ def main(argv: list[str] | None = None, prog: str = "ocr-cluster") -> int:
     except Exception as exc:  # noqa: BLE001 - the one place that turns failures into one line
         if debug:
             raise
+        if _is_bad_input(exc):
+            print(f"{args.prog}: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"{args.prog}: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_ERROR

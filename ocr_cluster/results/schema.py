@@ -1,0 +1,68 @@
+"""The results row: one Parquet schema, versioned.
+
+Rules for changing it: add columns at the end, never rename or retype one. Files written by an
+older version simply lack the newer columns; readers fill them with nulls. Bump SCHEMA_VERSION
+with every added column so a row says which columns its writer knew.
+
+Metrics are percentages, as in the seeds' tables (mIoU 77.72, not 0.7772).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+STATUSES = ("completed", "failed")
+
+UTC_US = pa.timestamp("us", tz="UTC")
+
+SCHEMA = pa.schema([
+    # identity of the run and of this attempt at it
+    ("schema_version", pa.int16()),
+    ("run_id", pa.string()),              # config.run_id: same config -> same id
+    ("attempt", pa.int32()),              # retry number (SLURM requeue, resubmission); 0 for the first
+    ("attempt_id", pa.string()),          # unique per written file, so no two writers share a key
+    ("sweep", pa.string()),               # "" for a single job
+    ("run_name", pa.string()),
+    # the cell: what was trained
+    ("dataset", pa.string()),
+    ("method", pa.string()),              # display name of the head, e.g. "OCRNet"
+    ("backbone", pa.string()),            # ocr_cluster.models.names.BACKBONES
+    ("head", pa.string()),                # ocr_cluster.models.names.HEADS
+    ("crop_size", pa.string()),           # "512x1024" (HxW)
+    ("batch_size", pa.int32()),           # global batch
+    ("iters", pa.int64()),
+    ("seed", pa.int64()),
+    # metrics, in percent
+    ("miou", pa.float64()),
+    ("miou_msflip", pa.float64()),
+    ("aacc", pa.float64()),
+    ("macc", pa.float64()),
+    ("iou_per_class", pa.list_(pa.struct([("name", pa.string()), ("iou", pa.float64())]))),
+    # cost
+    ("mem_gb", pa.float64()),             # peak torch.cuda.max_memory_allocated in training
+    ("fps", pa.float64()),                # inference images/s, batch 1
+    ("train_time_s", pa.float64()),
+    ("gpu_hours", pa.float64()),
+    ("num_nodes", pa.int32()),
+    ("num_gpus", pa.int32()),
+    ("device", pa.string()),              # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
+    # outcome
+    ("status", pa.string()),              # STATUSES
+    ("error", pa.string()),
+    ("checkpoint_uri", pa.string()),
+    # provenance
+    ("config_yaml", pa.string()),
+    ("git_sha", pa.string()),
+    ("ocr_cluster_version", pa.string()),
+    ("torch_version", pa.string()),
+    ("ray_version", pa.string()),
+    ("started_at", UTC_US),
+    ("finished_at", UTC_US),
+    ("written_at", UTC_US),
+], metadata={"ocr_cluster.schema_version": str(SCHEMA_VERSION)})
+
+COLUMNS = tuple(SCHEMA.names)
+REQUIRED = ("run_id", "dataset", "status")
+PERCENT_COLUMNS = ("miou", "miou_msflip", "aacc", "macc")
