@@ -31,6 +31,7 @@ BAD_INPUT_ERRORS = (
     ("ocr_cluster.results.errors", "ResultsError"),
     ("ocr_cluster.data.errors", "DataError"),
     ("ocr_cluster.models.convert", "CheckpointError"),
+    ("ocr_cluster.train.driver", "TrainSetupError"),
 )
 
 
@@ -71,7 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_run_id:
         print(cfg.run_id)
         return 0
-    return _not_available("training (Ray Train job)")(args)
+    from ocr_cluster.train.driver import run
+
+    return run(cfg)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -144,11 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "synth": ("write a synthetic dataset", [("dst", {})]),
         "inspect": ("counts, class histogram and shard sizes", [("uri", {})]),
     }, "sharded-data")
-    group("models", "the model zoo", {
-        "list": ("every backbone x head with its parameter count", []),
-        "info": ("params, GFLOPs and output stride of one model", []),
-        "convert": ("convert an mmseg / HRNet-OCR checkpoint", [("src", {}), ("dst", {})]),
-    }, "model zoo")
+    wire("models", "the model zoo", "ocr_cluster.models.commands")
     return parser
 
 
@@ -174,6 +173,9 @@ def main(argv: list[str] | None = None, prog: str = "ocr-cluster") -> int:
         if _is_bad_input(exc):
             print(f"{args.prog}: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        if type(exc).__name__ == "TrainFailed":  # already one line, the cause named
+            print(f"{args.prog}: error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"{args.prog}: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_ERROR

@@ -16,9 +16,9 @@ BACKBONES = (
 HEADS = (
     "ocr",                 # mmseg OCRNet: FCN soft-region head (aux 0.4) cascaded into the OCR head
     "ocr_dropout",         # openseg-group/mmsegmentation "OCRNet (w/ dropout)"
-    "ocr_sepconv",         # OCR with 3x3 SepDepthWiseConv fusion
-    "ocrplus",             # OCRNetPlus: OCR head + DeepLabV3+-style decoder
-    "ocrplus_sepdecoder",  # OCRNetPlus, decoder w/ SepDepthWiseConv
+    "ocr_sepconv",         # OCR with 3x3 SepDepthWiseConv pre-OCR conv and fusion (use_sep_conv=True)
+    "ocrplus",             # OCRNetPlus: OCR head + DeepLabV3+-style decoder, plain 3x3 ConvModules
+    "ocrplus_sepdecoder",  # OCRNetPlus, decoder (and pre-OCR conv) w/ SepDepthWiseConv
     "ocrplus_sepconv",     # OCRNetPlus, OCR & decoder w/ SepDepthWiseConv
     "asp_ocr",             # openseg ASP-OCR
     "fcn",
