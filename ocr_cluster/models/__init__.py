@@ -25,6 +25,7 @@ from ocr_cluster.models.references import MMSEG_REFERENCE_MODELS, REFERENCES, Re
 
 if TYPE_CHECKING:  # pragma: no cover
     from ocr_cluster.models.backbones import pretrained_alias
+    from ocr_cluster.models.convert import CheckpointError, convert_checkpoint, load_checkpoint
     from ocr_cluster.models.segmentor import (Segmentor, build_model, convert_sync_batchnorm, count_params,
                                               output_stride)
 
@@ -35,6 +36,9 @@ _LAZY = {
     "count_params": "ocr_cluster.models.segmentor",
     "output_stride": "ocr_cluster.models.segmentor",
     "pretrained_alias": "ocr_cluster.models.backbones",
+    "load_checkpoint": "ocr_cluster.models.convert",
+    "convert_checkpoint": "ocr_cluster.models.convert",
+    "CheckpointError": "ocr_cluster.models.convert",
 }
 
 __all__ = [

@@ -160,7 +160,7 @@ class SelfAttentionBlock(nn.Module):
             sim = sim * (self.channels ** -0.5)
         sim = F.softmax(sim, dim=-1)
         context = torch.matmul(sim, value)                                      # (B, HWq, Cv)
-        context = context.permute(0, 2, 1).reshape(b, -1, *query_feats.shape[2:])
+        context = context.permute(0, 2, 1).contiguous().reshape(b, -1, *query_feats.shape[2:])  # as mmseg: same fp32 sums
         if self.out_project is not None:
             context = self.out_project(context)
         return context
