@@ -1,0 +1,10 @@
+"""The one error type of ocr_cluster.data."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad data or bad data arguments; the message is one line meant for the user.
+
+    Errors about one sample name its shard and key, errors about one shard name the shard.
+    """

@@ -1,0 +1,559 @@
+"""The training input: Ray Data over Parquet shards for TorchTrainer, and plain-Python iterators.
+
+Training (Ray Data), on the driver that builds the TorchTrainer:
+
+    manifest = open_dataset(cfg.data)                     # checks data.dataset against the shards
+    ds = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=0,
+                       num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, manifest))
+    TorchTrainer(train_fn, datasets={"train": ds}, ...)   # DataConfig splits it: equal share per worker
+
+and in each worker (`per_worker = cfg.data.batch_size // world_size`):
+
+    for batch in torch_batches(ray.train.get_dataset_shard("train"), per_worker):
+        batch["image"]  # float32 [B, 3, H, W], normalised, H x W = data.crop_size
+        batch["label"]  # int64 [B, H, W], train ids, 255 = ignore (padding included)
+        batch["key"]    # list of sample keys
+
+(Ray's own `iter_torch_batches` refuses the string `key` column; use `torch_batches`, or
+`ds.drop_columns(["key"])` first.) Resources: read tasks take 0.25 CPU, decode tasks `num_cpus`
+(1) each, and Ray Data only uses CPUs the trainer's workers leave free, so give the cluster more
+CPUs than `num_workers x cpus_per_worker` (the test head has 4 logical CPUs for 2 workers).
+
+`train_dataset` is one stream of `num_epochs` epochs (make it longer than the run needs and stop
+at the last iteration): for each epoch the shard order and the row order inside each shard are
+shuffled from (seed, epoch); every sample's augmentation is drawn from (seed, epoch, key). Read
+tasks read whole shards (checking size and SHA-256) and emit small blocks of *encoded* rows;
+separate `map_batches` tasks decode and augment them, so only crops (and compressed originals)
+ever reach the object store and decoding spreads over every CPU of the cluster.
+
+Resume: Ray Data has no mid-epoch resume. A resumed run restarts its stream at
+`start_epoch = epoch_at(iteration, batch_size, manifest)`, so it sees fresh epochs with the same
+per-(seed, epoch, key) augmentation; resume is statistically, not bitwise, the same run. Which
+worker receives which sample is decided dynamically by Ray's streaming split; the *content* of
+each sample's crop is deterministic.
+
+Evaluation reads whole images split across workers: `eval_dataset(cfg.data, rank=r, world_size=w)`
+(Ray Data, built inside a worker) or `iter_eval(...)` (in-process) give worker r the contiguous
+r-th w-th of the split (`eval_range`), so each worker reads only its own shards and each sample is
+evaluated exactly once over all workers. Images are resized as
+mmseg's test pipeline does (keep ratio to data.scale) unless `resize=False`; labels keep the
+original resolution.
+
+Without Ray (unit tests, local debugging, `num_workers=0`): `iter_train(cfg.data, seed=..,
+rank=r, world_size=w, batch_size=b)` yields the same crops as the Ray path for the same (seed,
+epoch, key), with worker r taking every w-th sample of each epoch's order.
+
+Bad data raises `DataError` naming the shard and key (undecodable image or label, label values
+outside [0, K) and 255, size mismatch) or the shard (missing, truncated, wrong checksum, not
+Parquet). With data.skip_bad_samples the sample (or the shard's samples) is skipped instead,
+logged as a warning and counted: `Stats` in-process, `SkipCounter` across Ray tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ocr_cluster.data.errors import DataError
+from ocr_cluster.data.shards import Manifest, ShardInfo, read_manifest, read_shard
+from ocr_cluster.data.transforms import (EvalParams, TrainParams, eval_transform, sample_rng,
+                                         train_transform)
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from ocr_cluster.config import DataSection
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["key", "image", "label"]
+BLOCK_BYTES = 4 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters from the config and the manifest
+
+
+def _size(text: str) -> tuple[int, int]:
+    a, b = str(text).lower().split("x")
+    return int(a), int(b)
+
+
+def open_dataset(data: DataSection) -> Manifest:
+    """The manifest at data.uri, checked against data.dataset."""
+    manifest = read_manifest(data.uri)
+    if manifest.dataset != data.dataset:
+        raise DataError(f"data.dataset is {data.dataset!r} but the shards at {data.uri} hold {manifest.dataset!r}")
+    return manifest
+
+
+def train_params(data: DataSection, manifest: Manifest) -> TrainParams:
+    return TrainParams(crop_hw=_size(data.crop_size), scale_wh=_size(data.scale), num_classes=manifest.num_classes,
+                       ratio_range=(float(data.ratio_range[0]), float(data.ratio_range[1])),
+                       cat_max_ratio=float(data.cat_max_ratio), flip_prob=float(data.flip_prob),
+                       photometric=bool(data.photometric), mean=tuple(map(float, data.mean)),
+                       std=tuple(map(float, data.std)),
+                       flip_swap=tuple(tuple(map(int, p)) for p in manifest.flip_swap))
+
+
+def eval_params(data: DataSection, manifest: Manifest, resize: bool = True) -> EvalParams:
+    return EvalParams(num_classes=manifest.num_classes, scale_wh=_size(data.scale) if resize else None,
+                      mean=tuple(map(float, data.mean)), std=tuple(map(float, data.std)))
+
+
+def epochs_for(iters: int, global_batch: int, manifest: Manifest, split: str = "train", start_epoch: int = 0) -> int:
+    """Epochs a run of `iters` iterations consumes from `start_epoch`, plus one spare."""
+    n = max(1, manifest.split(split).num_samples)
+    return max(1, math.ceil(iters * global_batch / n) - start_epoch + 1)
+
+
+def epoch_at(iteration: int, global_batch: int, manifest: Manifest, split: str = "train") -> int:
+    """The epoch that iteration `iteration` falls in (where a resumed stream restarts)."""
+    return (iteration * global_batch) // max(1, manifest.split(split).num_samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Order of samples: shards, then rows, shuffled per (seed, epoch)
+
+
+def epoch_plan(manifest: Manifest, split: str, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Shard indices in the order epoch `epoch` reads them."""
+    shards = manifest.split(split).shards
+    order = list(range(len(shards)))
+    if shuffle:
+        np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0x5A4D]).shuffle(order)
+    return order
+
+
+def row_order(num_rows: int, seed: int, epoch: int, shard_index: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_rows)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0x524F57, shard_index])
+    return rng.permutation(num_rows)
+
+
+def block_rows_for(manifest: Manifest, split: str) -> int:
+    """Rows per encoded block: about BLOCK_BYTES of encoded samples, 4 to 64 rows."""
+    info = manifest.split(split)
+    avg = info.num_bytes / max(1, info.num_samples)
+    return int(min(64, max(4, BLOCK_BYTES // max(1, avg))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data accounting
+
+
+@dataclass
+class Stats:
+    """Counts of an in-process iterator (skipped samples when data.skip_bad_samples is on)."""
+
+    samples: int = 0
+    skipped: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def add(self, message: str, count: int = 1) -> None:
+        self.skipped += count
+        if len(self.messages) < 100:
+            self.messages.append(message)
+        log.warning("skipping bad data (%d skipped so far): %s", self.skipped, message)
+
+
+class SkipCounter:
+    """Counts samples skipped by Ray tasks; pass to train_dataset/eval_dataset, read `total()`.
+
+    Backed by a small Ray actor (0 CPUs) owned by the process that creates it.
+    """
+
+    def __init__(self) -> None:
+        import ray
+
+        self._actor = ray.remote(num_cpus=0)(_CounterActor).remote()
+
+    def add(self, message: str, count: int = 1) -> None:
+        import ray
+
+        log.warning("skipping bad data: %s", message)
+        ray.get(self._actor.add.remote(message, count))  # counted before the task's output is seen
+
+    def total(self) -> int:
+        import ray
+
+        return ray.get(self._actor.total.remote())
+
+    def messages(self) -> list[str]:
+        import ray
+
+        return ray.get(self._actor.messages.remote())
+
+
+class _CounterActor:
+    def __init__(self) -> None:
+        self.count, self.msgs = 0, []
+
+    def add(self, message: str, count: int) -> None:
+        self.count += count
+        if len(self.msgs) < 100:
+            self.msgs.append(message)
+
+    def total(self) -> int:
+        return self.count
+
+    def messages(self) -> list[str]:
+        return list(self.msgs)
+
+
+def _read(manifest: Manifest, index: int, shard: ShardInfo, *, verify: bool, skip_bad: bool, counter) -> Any:
+    try:
+        return read_shard(manifest, shard, verify=verify, columns=COLUMNS)
+    except DataError as exc:
+        if not skip_bad:
+            raise
+        counter.add(f"{exc} (its {shard.num_samples} samples skipped)", shard.num_samples)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-Python iterators
+
+
+def binary_views(column) -> list[np.ndarray]:
+    """The values of an Arrow binary column as uint8 numpy views of its data buffer (no copies)."""
+    out: list[np.ndarray] = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        bounds = np.frombuffer(offsets, np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        out += [values[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    return out
+
+
+def eval_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the split indices evaluated by worker `rank` (sizes differ by at most one)."""
+    return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+
+
+def iter_rows(manifest: Manifest, split: str, *, seed: int = 0, epochs: Iterable[int] = (0,), shuffle: bool = True,
+              rank: int = 0, world_size: int = 1, contiguous: bool = False, verify: bool = True,
+              skip_bad: bool = False,
+              stats: Stats | None = None) -> Iterator[tuple[int, str, str, np.ndarray, np.ndarray]]:
+    """(epoch, shard uri, key, image bytes, label bytes) of worker `rank`'s share, epoch after epoch.
+
+    The share is every world_size-th sample of each epoch's order, or with `contiguous` (evaluation)
+    the split indices in `eval_range`, whose shards alone are read. The bytes are uint8 numpy views
+    into the shard's Arrow buffers (`.tobytes()` copies them out).
+    """
+    stats = stats if stats is not None else Stats()
+    shards = manifest.split(split).shards
+    offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])]).astype(int).tolist()
+    start, stop = eval_range(offsets[-1], rank, world_size) if contiguous else (0, offsets[-1])
+    for epoch in epochs:
+        position = 0
+        for index in epoch_plan(manifest, split, seed, epoch, shuffle):
+            shard = shards[index]
+            lo, hi = max(start, offsets[index]) - offsets[index], min(stop, offsets[index + 1]) - offsets[index]
+            if hi <= lo:
+                continue
+            table = _read(manifest, index, shard, verify=verify, skip_bad=skip_bad, counter=stats)
+            if table is None:
+                continue
+            uri = manifest.shard_uri(shard)
+            keys = table.column("key").to_pylist()
+            images, labels = binary_views(table.column("image")), binary_views(table.column("label"))
+            for row in row_order(table.num_rows, seed, epoch, index, shuffle):
+                if not lo <= row < hi:
+                    continue
+                if contiguous or position % world_size == rank:
+                    yield epoch, uri, keys[row], images[row], labels[row]
+                position += 1
+
+
+def iter_train(data: DataSection, *, seed: int = 0, rank: int = 0, world_size: int = 1, start_epoch: int = 0,
+               num_epochs: int | None = None, batch_size: int | None = None, split: str = "train",
+               verify: bool = True, stats: Stats | None = None,
+               manifest: Manifest | None = None) -> Iterator[dict[str, Any]]:
+    """Augmented training samples (or batches of `batch_size`) of worker `rank`, without Ray.
+
+    Endless unless `num_epochs` is given. Items are dicts of numpy arrays: image float32 [3,H,W]
+    (batched: [B,3,H,W]), label uint8 [H,W], key str (batched: a list), epoch int.
+    """
+    manifest = manifest or open_dataset(data)
+    params = train_params(data, manifest)
+    stats = stats if stats is not None else Stats()
+    epochs = range(start_epoch, start_epoch + num_epochs) if num_epochs is not None else _count(start_epoch)
+    pending: list[dict[str, Any]] = []
+    for epoch, uri, key, image, label in iter_rows(manifest, split, seed=seed, epochs=epochs, rank=rank,
+                                                   world_size=world_size, verify=verify,
+                                                   skip_bad=data.skip_bad_samples, stats=stats):
+        where = f"shard {uri}: sample {key!r}"
+        try:
+            img, lab = train_transform(image, label, params, sample_rng(seed, epoch, key), where=where)
+        except DataError as exc:
+            if not data.skip_bad_samples:
+                raise
+            stats.add(str(exc))
+            continue
+        stats.samples += 1
+        item = {"image": img, "label": lab, "key": key, "epoch": epoch}
+        if batch_size is None:
+            yield item
+            continue
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield _stack(pending)
+            pending = []
+    if pending:
+        yield _stack(pending)
+
+
+def iter_eval(data: DataSection, *, split: str = "val", rank: int = 0, world_size: int = 1, resize: bool = True,
+              verify: bool = True, stats: Stats | None = None,
+              manifest: Manifest | None = None) -> Iterator[dict[str, Any]]:
+    """Whole evaluation samples of worker `rank` (the split indices in `eval_range`), one at a time, without Ray.
+
+    Items: image float32 [3,h,w] (resized per mmseg's test pipeline unless resize=False), label
+    uint8 [H,W] at the original size, key, height, width (the original size).
+    """
+    manifest = manifest or open_dataset(data)
+    params = eval_params(data, manifest, resize)
+    stats = stats if stats is not None else Stats()
+    for _, uri, key, image, label in iter_rows(manifest, split, shuffle=False, rank=rank, world_size=world_size,
+                                               contiguous=True, verify=verify, skip_bad=data.skip_bad_samples,
+                                               stats=stats):
+        try:
+            img, lab = eval_transform(image, label, params, where=f"shard {uri}: sample {key!r}")
+        except DataError as exc:
+            if not data.skip_bad_samples:
+                raise
+            stats.add(str(exc))
+            continue
+        stats.samples += 1
+        yield {"image": img, "label": lab, "key": key, "height": lab.shape[0], "width": lab.shape[1]}
+
+
+def _count(start: int) -> Iterator[int]:
+    while True:
+        yield start
+        start += 1
+
+
+def _stack(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"image": np.stack([i["image"] for i in items]), "label": np.stack([i["label"] for i in items]),
+            "key": [i["key"] for i in items], "epoch": [i["epoch"] for i in items]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data
+
+
+class _ShardSource:
+    """A Ray Data datasource: one read task per (epoch, shard), blocks of encoded rows.
+
+    Subclassed from ray.data.Datasource on first use (keeps `import ray` out of module import).
+    """
+
+    def __init__(self, manifest: Manifest, split: str, *, epochs: list[int], seed: int, shuffle: bool,
+                 rank: int, world_size: int, verify: bool, skip_bad: bool, counter: SkipCounter | None,
+                 block_rows: int):
+        self.manifest, self.split, self.epochs, self.seed, self.shuffle = manifest, split, epochs, seed, shuffle
+        self.rank, self.world_size, self.verify, self.skip_bad = rank, world_size, verify, skip_bad
+        self.counter, self.block_rows = counter, block_rows
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.manifest.split(self.split).num_bytes * len(self.epochs) // max(1, self.world_size)
+
+    def get_name(self) -> str:
+        return "ReadShards"
+
+    def num_tasks(self) -> int:
+        shards = self.manifest.split(self.split).shards
+        offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])]).tolist()
+        per_epoch = sum(1 for i in range(len(shards)) if self._rows(offsets, i)[1] > self._rows(offsets, i)[0])
+        return max(1, per_epoch * len(self.epochs))
+
+    def _rows(self, offsets: list[int], index: int) -> tuple[int, int]:
+        """[lo, hi) of shard `index`'s rows that belong to this worker (eval_range of the split)."""
+        start, stop = eval_range(offsets[-1], self.rank, self.world_size)
+        return max(start, offsets[index]) - offsets[index], max(0, min(stop, offsets[index + 1]) - offsets[index])
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list:
+        from ray.data import ReadTask
+        from ray.data.block import BlockMetadata
+
+        shards = self.manifest.split(self.split).shards
+        offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])]).astype(int).tolist()
+        tasks = []
+        for epoch in self.epochs:
+            for index in epoch_plan(self.manifest, self.split, self.seed, epoch, self.shuffle):
+                shard = shards[index]
+                lo, hi = self._rows(offsets, index)  # this worker's rows (all of them when training)
+                if hi <= lo:
+                    continue
+                size = shard.num_bytes * (hi - lo) // max(1, shard.num_samples)
+                meta = BlockMetadata(num_rows=hi - lo, size_bytes=size, exec_stats=None, input_files=None)
+                args = (self.manifest, self.split, index, epoch, lo, hi, self.seed, self.shuffle, self.verify,
+                        self.skip_bad, self.counter, self.block_rows)
+                tasks.append(ReadTask(lambda a=args: _read_task(*a), meta))
+        return tasks
+
+
+def _read_task(manifest: Manifest, split: str, index: int, epoch: int, lo: int, hi: int, seed: int, shuffle: bool,
+               verify: bool, skip_bad: bool, counter, block_rows: int):
+    import pyarrow as pa
+
+    shard = manifest.split(split).shards[index]
+    table = _read(manifest, index, shard, verify=verify, skip_bad=skip_bad,
+                  counter=counter if counter is not None else Stats())
+    if table is None:
+        return
+    rows = np.arange(table.num_rows)
+    rows = rows[row_order(len(rows), seed, epoch, index, shuffle)]
+    rows = rows[(rows >= lo) & (rows < hi)]
+    uri = manifest.shard_uri(shard)
+    for start in range(0, len(rows), block_rows):  # one small copy per block, never the whole shard
+        block = table.take(pa.array(rows[start:start + block_rows], type=pa.int64()))
+        block = block.append_column("epoch", pa.array(np.full(block.num_rows, epoch, dtype=np.int32)))
+        yield block.append_column("shard", pa.array([uri] * block.num_rows, type=pa.string()))
+
+
+def _report(counter, stats_message: str) -> None:
+    if counter is not None:
+        counter.add(stats_message)
+    else:
+        log.warning("skipping bad data: %s", stats_message)
+
+
+def _one_cpu() -> None:
+    """A Ray task has one CPU: keep OpenCV from starting a thread per core."""
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+def _train_batch(batch: dict[str, np.ndarray], *, params: TrainParams, seed: int, skip_bad: bool,
+                 counter) -> dict[str, np.ndarray]:
+    _one_cpu()
+    keys, images, labels = [], [], []
+    for key, image, label, epoch, shard in zip(batch["key"], batch["image"], batch["label"], batch["epoch"],
+                                               batch["shard"]):
+        try:
+            img, lab = train_transform(image, label, params, sample_rng(seed, int(epoch), str(key)),
+                                       where=f"shard {shard}: sample {str(key)!r}")
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            _report(counter, str(exc))
+            continue
+        keys.append(str(key))
+        images.append(img)
+        labels.append(lab)
+    h, w = params.crop_hw
+    return {"key": np.array(keys, dtype=object),
+            "image": np.stack(images) if images else np.zeros((0, 3, h, w), np.float32),
+            "label": np.stack(labels) if labels else np.zeros((0, h, w), np.uint8)}
+
+
+def _eval_batch(batch: dict[str, np.ndarray], *, params: EvalParams, skip_bad: bool, counter) -> dict[str, Any]:
+    _one_cpu()
+    keys, images, labels = [], [], []
+    for key, image, label, shard in zip(batch["key"], batch["image"], batch["label"], batch["shard"]):
+        try:
+            img, lab = eval_transform(image, label, params, where=f"shard {shard}: sample {str(key)!r}")
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            _report(counter, str(exc))
+            continue
+        keys.append(str(key))
+        images.append(img)
+        labels.append(lab)
+    return {"key": np.array(keys, dtype=object), "image": _ragged(images, np.float32, 3),
+            "label": _ragged(labels, np.uint8, 2), "height": np.array([lab.shape[0] for lab in labels], np.int32),
+            "width": np.array([lab.shape[1] for lab in labels], np.int32)}
+
+
+def _ragged(arrays: list[np.ndarray], dtype, ndim: int) -> np.ndarray:
+    """One array per row, shapes may differ: a stacked array when they agree, else an object array."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    if not arrays:
+        return np.zeros((0,) + (1,) * ndim, dtype)
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _datasource(**kwargs):
+    from ray.data import Datasource
+
+    cls = type("ShardDatasource", (_ShardSource, Datasource), {})
+    return cls(**kwargs)
+
+
+def train_dataset(data: DataSection, *, seed: int = 0, start_epoch: int = 0, num_epochs: int = 1,
+                  split: str = "train", verify: bool = True, skip_counter: SkipCounter | None = None,
+                  manifest: Manifest | None = None, block_rows: int | None = None,
+                  num_cpus: float = 1.0) -> ray.data.Dataset:
+    """A Ray Dataset of augmented crops for TorchTrainer(datasets={'train': ...}); see the module doc.
+
+    Columns: key (str), image float32 [3, H, W] normalised, label uint8 [H, W] (H x W = crop_size).
+    Epochs start_epoch .. start_epoch + num_epochs - 1, each reshuffled and re-augmented.
+    """
+    import ray.data
+
+    manifest = manifest or open_dataset(data)
+    params = train_params(data, manifest)
+    source = _datasource(manifest=manifest, split=split, epochs=list(range(start_epoch, start_epoch + num_epochs)),
+                         seed=seed, shuffle=True, rank=0, world_size=1, verify=verify,
+                         skip_bad=data.skip_bad_samples, counter=skip_counter,
+                         block_rows=block_rows or block_rows_for(manifest, split))
+    # Reading is I/O: a quarter CPU, so that it neither fuses with nor starves the decode tasks. One
+    # output block count per read task keeps Ray from splitting blocks into one-row map tasks.
+    ds = ray.data.read_datasource(source, num_cpus=0.25, override_num_blocks=source.num_tasks())
+    return ds.map_batches(_train_batch, batch_size=None, batch_format="numpy", num_cpus=num_cpus,
+                          fn_kwargs={"params": params, "seed": seed, "skip_bad": data.skip_bad_samples,
+                                     "counter": skip_counter})
+
+
+def eval_dataset(data: DataSection, *, split: str = "val", rank: int = 0, world_size: int = 1, resize: bool = True,
+                 verify: bool = True, skip_counter: SkipCounter | None = None, manifest: Manifest | None = None,
+                 block_rows: int = 4, num_cpus: float = 1.0) -> ray.data.Dataset:
+    """Worker `rank`'s share of a split (the indices in `eval_range`) as whole images, in split order.
+
+    Columns: key, image float32 [3, h, w], label uint8 [H, W] (original size), height, width.
+    Shapes differ between rows: iterate with batch_size=1 (`iter_batches(batch_size=1)`).
+    """
+    import ray.data
+
+    manifest = manifest or open_dataset(data)
+    params = eval_params(data, manifest, resize)
+    source = _datasource(manifest=manifest, split=split, epochs=[0], seed=0, shuffle=False, rank=rank,
+                         world_size=world_size, verify=verify, skip_bad=data.skip_bad_samples, counter=skip_counter,
+                         block_rows=block_rows)
+    ds = ray.data.read_datasource(source, num_cpus=0.25, override_num_blocks=source.num_tasks())
+    return ds.map_batches(_eval_batch, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
+                          fn_kwargs={"params": params, "skip_bad": data.skip_bad_samples, "counter": skip_counter})
+
+
+def torch_batches(iterator, batch_size: int, *, device: Any = None, prefetch_batches: int = 1,
+                  drop_last: bool = True) -> Iterator[dict[str, Any]]:
+    """Training batches from a Ray DataIterator (get_dataset_shard('train')) or Dataset as torch tensors.
+
+    image float32 [B, 3, H, W], label int64 [B, H, W] on `device`, key a list of str.
+    """
+    import torch
+
+    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                                       prefetch_batches=prefetch_batches):
+        image = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        label = torch.from_numpy(np.ascontiguousarray(batch["label"])).long()
+        if device is not None:
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        yield {"image": image, "label": label, "key": [str(k) for k in batch["key"]]}
