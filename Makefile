@@ -22,8 +22,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The main job on the embedded defaults: synthetic shards, a local Ray cluster, results in ./results.
 quickstart: venv
-	$(VENV)/bin/python -m ocr_cluster.envinfo --ray
+	test -f data/synthetic/manifest.json || $(VENV)/bin/ocr-cluster data synth data/synthetic
+	$(VENV)/bin/python -m ocr_cluster.train jobs/quickstart.yaml
+	$(VENV)/bin/ocr-cluster results table --store results
 
 # SLURM comes from Debian's packages; the script is a no-op when they are already there.
 services-install:

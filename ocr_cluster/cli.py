@@ -55,6 +55,13 @@ def _not_available(capability: str):
     return run
 
 
+def _lazy(module: str, name: str):
+    """A handler imported when it runs, so `--help` and config errors stay fast."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # train
 
@@ -113,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, metavar="URI", help="checkpoint URI (any fsspec URL)")
     evaluate.add_argument("--ms-flip", action="store_true", help="multi-scale + flip test")
     evaluate.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode")
-    evaluate.set_defaults(func=_not_available("evaluation"))
+    evaluate.set_defaults(func=_lazy("ocr_cluster.train.evaluate", "cmd_eval"))
 
     def group(name: str, help_text: str, actions: dict[str, tuple[str, list[tuple[str, dict]]]],
               capability: str) -> None:
@@ -125,15 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, **kwargs)
             p.set_defaults(func=_not_available(capability))
 
-    def wire(name: str, help_text: str, module: str) -> None:
-        """A verb whose capability has landed: `module` has HELP {action: text} and
-        add_arguments(action, parser), which adds the action's arguments and its handler."""
+    def wire(name: str, help_text: str, module: str, actions: dict[str, str] | None = None) -> None:
+        """A verb whose capability has landed: `module` has add_arguments(action, parser), the actions'
+        help as HELP (or `actions` here) and a handler cmd_<action> (unless add_arguments sets one)."""
         commands = importlib.import_module(module)
         sub = verb(name, help_text).add_subparsers(dest="action", metavar="ACTION", required=True,
                                                    parser_class=_Parser)
-        for action, action_help in commands.HELP.items():
+        for action, action_help in (actions or commands.HELP).items():
             p = sub.add_parser(action, parents=[common], help=action_help, description=action_help)
             commands.add_arguments(action, p)
+            if p.get_default("func") is None:
+                p.set_defaults(func=getattr(commands, f"cmd_{action}"))
 
     group("sweep", "launch and follow an ablation grid on SLURM or Ray Tune", {
         "plan": ("list the cells of a grid and their run ids", [("grid", {"help": "sweeps/<grid>.yaml"})]),
@@ -141,12 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status": ("show the state of each cell", [("grid", {"help": "sweeps/<grid>.yaml"})]),
     }, "sweep")
     wire("results", "query the results store", "ocr_cluster.results.commands")
-    group("data", "make, convert and inspect sharded datasets", {
-        "convert": ("convert an official dataset layout to Parquet shards",
-                    [("dataset", {}), ("src", {}), ("dst", {})]),
-        "synth": ("write a synthetic dataset", [("dst", {})]),
-        "inspect": ("counts, class histogram and shard sizes", [("uri", {})]),
-    }, "sharded-data")
+    wire("data", "make, convert and inspect sharded datasets", "ocr_cluster.data.commands", {
+        "convert": "convert an official dataset layout to Parquet shards",
+        "synth": "write a learnable synthetic dataset",
+        "inspect": "counts per split, class pixel histogram, image sizes, shard sizes",
+    })
     wire("models", "the model zoo", "ocr_cluster.models.commands")
     return parser
 

@@ -133,6 +133,7 @@ class EvaluationSection:
     slide_stride: str = size("341x682", "slide-window stride, HxW")
     ms_flip: bool = opt(False, "also report multi-scale + flip mIoU at the end")
     ms_ratios: list[float] = opt([0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    fps_images: int = opt(200, "val images timed for fps (batch 1, first 5 not timed), as mmseg", hashed=False)
 
 
 @dataclass
@@ -141,6 +142,8 @@ class ClusterSection:
     num_workers: int = opt(2, "Ray Train workers (one per GPU on a GPU cluster)", hashed=False)
     use_gpu: bool = opt(False, hashed=False)
     cpus_per_worker: float = opt(1.0, hashed=False)
+    micro_batch: int = opt(0, "samples per worker per forward; 0 = data.batch_size / num_workers; "
+                              "smaller accumulates gradients to the same global batch", hashed=False)
     amp: str = choice("auto", ("auto", "bf16", "fp16", "none"), "auto = bf16 on GPU, none on CPU")
     max_failures: int = opt(3, "worker-group restarts before the run fails for good", hashed=False)
 

@@ -175,16 +175,20 @@ def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
 # S3 (moto's server, as s3fs's own tests use)
 
 
-def start_s3(bucket: str = S3_BUCKET) -> Service:
+def start_s3(bucket: str = S3_BUCKET, enforce_auth: bool = False) -> Service:
+    """moto's S3 on 127.0.0.1 with `bucket`. With enforce_auth, every request after the bucket's creation
+    must be signed with credentials moto's IAM knows: the test endpoint for wrong credentials."""
     moto_bin = VENV_BIN / "moto_server"
     if not moto_bin.exists():
         raise ServiceUnavailable(f"no moto_server at {moto_bin}; run `make venv`")
     workdir = _short_tempdir("ocr_s3_")
     port = free_port()
     log = workdir / "moto.log"
+    # The readiness probe and create_bucket are the two requests let through before auth applies.
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "2"} if enforce_auth else {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(moto_bin), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
     service = Service("s3", {}, [proc.pid], workdir)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

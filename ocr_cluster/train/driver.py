@@ -1,0 +1,217 @@
+"""The driver: check the inputs, connect to Ray, build the TorchTrainer, fit, record the outcome.
+
+It runs where `python -m ocr_cluster.train` runs: inside `ray job submit` (RAY_ADDRESS is set) or on a
+laptop, where it starts a local Ray cluster. Everything that can be wrong with the inputs is found here,
+before a worker starts: a bad config, a missing dataset, an unreachable endpoint, wrong credentials.
+
+Resume is keyed on the run id: RunConfig(name=run_id) under storage.checkpoint_uri, so submitting the
+same config again continues from its latest checkpoint; a run with a completed result row is not
+trained again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ocr_cluster import storage
+from ocr_cluster.config import Config
+from ocr_cluster.train.loop import micro_batch
+
+
+class TrainSetupError(ValueError):
+    """Bad input found before training starts; one line for the user."""
+
+
+class TrainFailed(RuntimeError):
+    """The run failed for good (after Ray Train's retries); a failed row was written."""
+
+
+@dataclass
+class Plan:
+    run_id: str
+    num_classes: int
+    manifest: object
+    start_iter: int
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
+
+
+def worker_error(exc: BaseException) -> str:
+    """The first worker's own exception out of Ray Train's WorkerGroupError, as 'Type: message'."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        first = failures[min(failures)]
+        root = getattr(first, "cause", None) or first
+        lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+        message = lines[-1] if lines else ""
+        return message if message.startswith(type(root).__name__) else f"{type(root).__name__}: {message}"
+    return _reason(exc)
+
+
+def latest_checkpoint_iter(cfg: Config, run_id: str) -> int:
+    """The iteration of the newest checkpoint under <checkpoint_uri>/<run_id>, 0 if none."""
+    fs, path = storage.filesystem(storage.join(cfg.storage.checkpoint_uri, run_id))
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return 0
+    iters = [int(m.group(1)) for n in names if (m := re.fullmatch(r"checkpoint_iter=(\d+)", n))]
+    return max(iters, default=0)
+
+
+def absolute_local_paths(cfg: Config) -> Config:
+    """Local URIs made absolute: Ray Train workers do not run in the driver's working directory.
+    (Multi-node runs need shared storage anyway: s3://, gs:// or a path every node mounts.)"""
+    import dataclasses
+
+    def fix(uri: str) -> str:
+        return storage.local_path(uri) if uri and not storage.is_remote(uri) else uri
+
+    model = dataclasses.replace(cfg.model, pretrained=fix(cfg.model.pretrained),
+                                pretrained_backbone=fix(cfg.model.pretrained_backbone))
+    return dataclasses.replace(
+        cfg, model=model, data=dataclasses.replace(cfg.data, uri=fix(cfg.data.uri)),
+        storage=dataclasses.replace(cfg.storage, checkpoint_uri=fix(cfg.storage.checkpoint_uri)),
+        results=dataclasses.replace(cfg.results, store_uri=fix(cfg.results.store_uri)))
+
+
+def preflight(cfg: Config) -> Plan:
+    """Every check that needs no worker. Raises TrainSetupError (or DataError) with one line."""
+    from ocr_cluster.data.errors import DataError
+    from ocr_cluster.data.pipeline import open_dataset
+
+    run_id = cfg.run_id
+    for key, uri in (("data.uri", cfg.data.uri), ("storage.checkpoint_uri", cfg.storage.checkpoint_uri),
+                     ("results.store_uri", cfg.results.store_uri)):
+        if not uri:
+            raise TrainSetupError(f"{key} is empty; give a path, file://, s3:// or gs:// URL")
+        try:
+            storage.filesystem(uri)
+        except storage.StorageError as exc:
+            raise TrainSetupError(f"{key}: {exc}") from None
+
+    try:
+        manifest = open_dataset(cfg.data)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials, missing bucket: all one line
+        raise TrainSetupError(f"cannot read the dataset at {cfg.data.uri}: {_reason(exc)}") from None
+
+    num_classes = manifest.num_classes
+    if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
+        raise TrainSetupError(f"model.num_classes is {cfg.model.num_classes} but the dataset at {cfg.data.uri} "
+                              f"has {num_classes} classes")
+    if cfg.loss.class_weight and len(cfg.loss.class_weight) != num_classes:
+        raise TrainSetupError(f"loss.class_weight has {len(cfg.loss.class_weight)} values; the dataset has "
+                              f"{num_classes} classes")
+    if manifest.split("train").num_samples == 0 or manifest.split("val").num_samples == 0:
+        raise TrainSetupError(f"the dataset at {cfg.data.uri} needs samples in both 'train' and 'val'")
+
+    world = max(cfg.cluster.num_workers, 1)
+    if cfg.data.batch_size % world:
+        raise TrainSetupError(f"data.batch_size {cfg.data.batch_size} does not split over "
+                              f"cluster.num_workers {world}; use a multiple of {world}")
+    micro, accum = micro_batch(cfg, world)
+    if micro <= 0 or (cfg.data.batch_size // world) % micro:
+        raise TrainSetupError(f"cluster.micro_batch {cfg.cluster.micro_batch} must divide the per-worker batch "
+                              f"{cfg.data.batch_size // world}")
+    if cfg.cluster.amp == "fp16" and not cfg.cluster.use_gpu:
+        raise TrainSetupError("cluster.amp fp16 needs GPUs (cluster.use_gpu: true); use bf16 or none on CPU")
+
+    for key, uri in (("model.pretrained", cfg.model.pretrained),
+                     ("model.pretrained_backbone", cfg.model.pretrained_backbone)):
+        if uri:
+            try:
+                found = storage.exists(uri)
+            except Exception as exc:  # noqa: BLE001
+                raise TrainSetupError(f"{key}: cannot reach {uri}: {_reason(exc)}") from None
+            if not found:
+                raise TrainSetupError(f"{key}: no checkpoint at {uri}")
+
+    for key, uri in (("storage.checkpoint_uri", cfg.storage.checkpoint_uri),
+                     ("results.store_uri", cfg.results.store_uri)):
+        if storage.is_remote(uri):
+            fs, path = storage.filesystem(uri)
+            bucket = path.split("/", 1)[0]
+            try:
+                ok = fs.exists(bucket)
+            except Exception as exc:  # noqa: BLE001
+                raise TrainSetupError(f"{key}: cannot reach {uri}: {_reason(exc)}") from None
+            if not ok:
+                raise TrainSetupError(f"{key}: bucket '{bucket}' of {uri} does not exist")
+    return Plan(run_id, num_classes, manifest, latest_checkpoint_iter(cfg, run_id))
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster this runs in (cluster.address or RAY_ADDRESS), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    workers_cpus = max(cfg.cluster.num_workers, 1) * cfg.cluster.cpus_per_worker
+    # Logical CPUs beyond the workers' share, so Ray Data's read and decode tasks can run beside them.
+    num_cpus = max(os.cpu_count() or 1, int(workers_cpus) + 2)
+    ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
+             logging_level="WARNING")
+
+
+def build_trainer(cfg: Config, plan: Plan):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ocr_cluster.data.pipeline import epoch_at, epochs_for, train_dataset
+    from ocr_cluster.train.loop import train_fn_per_worker
+
+    start_epoch = epoch_at(plan.start_iter, cfg.data.batch_size, plan.manifest)
+    dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=start_epoch, manifest=plan.manifest,
+                            num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, plan.manifest,
+                                                  start_epoch=start_epoch))
+    storage_fs, storage_path = storage.arrow_filesystem(cfg.storage.checkpoint_uri)
+    resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config_yaml": cfg.to_yaml(), "num_classes": plan.num_classes, "run_id": plan.run_id},
+        datasets={"train": dataset},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=plan.run_id, storage_path=storage_path,
+            storage_filesystem=storage_fs if storage.is_remote(cfg.storage.checkpoint_uri) else None,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.num_to_keep)),
+    )
+
+
+def run(cfg: Config) -> int:
+    """Train `cfg` to completion (or resume it); returns 0. Raises TrainSetupError / TrainFailed."""
+    from ocr_cluster.train.results import completed_row, write_failed
+
+    cfg = absolute_local_paths(cfg)
+    plan = preflight(cfg)
+    done = completed_row(cfg, plan.run_id)
+    if done is not None:
+        print(f"run {plan.run_id} ({cfg.run.name}) is already completed: mIoU {done['miou']} "
+              f"(row {done['file']}); not training again", flush=True)
+        return 0
+    where = f"resuming from iteration {plan.start_iter}" if plan.start_iter else "from scratch"
+    print(f"run {plan.run_id} ({cfg.run.name}): {cfg.model.head} on {cfg.model.backbone}, {cfg.data.dataset} "
+          f"({plan.num_classes} classes), {cfg.schedule.iters} iterations, batch {cfg.data.batch_size} on "
+          f"{cfg.cluster.num_workers} worker(s), {where}", flush=True)
+    connect_ray(cfg)
+    trainer = build_trainer(cfg, plan)
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray gave up after max_failures: record it, then one line
+        reason = worker_error(exc)
+        write_failed(cfg, plan.run_id, f"{reason}\n\n{exc}", max(cfg.cluster.num_workers, 1))
+        raise TrainFailed(f"run {plan.run_id} failed: {reason}; a failed row is in {cfg.results.store_uri}") from exc
+    return 0

@@ -1,0 +1,95 @@
+"""The live log line and TensorBoard scalars of a training run (rank 0 prints and writes).
+
+    [r3f9c2a1b7d0] iter 120/1000 | loss 0.812 (decode 0.611, aux 0.502) | lr 9.01e-03 | 14.2 img/s | data 12% | eta 3m05s
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ocr_cluster import storage
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    def __init__(self, cfg, run_id: str, start_iter: int, rank: int, images_per_iter: int):
+        self.cfg, self.run_id, self.rank = cfg, run_id, rank
+        self.total = cfg.schedule.iters
+        self.images_per_iter = images_per_iter
+        self.window_start, self.window_iters, self.window_wait = time.perf_counter(), 0, 0.0
+        self.start_iter = start_iter
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.last_loss = 0.0
+        self.last_scores: dict | None = None
+        self.writer = self._tensorboard() if rank == 0 else None
+
+    def _tensorboard(self):
+        from tensorboardX import SummaryWriter
+
+        root = self.cfg.storage.checkpoint_uri
+        local = storage.local_path(storage.join(root, self.run_id, "tensorboard")) if not storage.is_remote(root) \
+            else os.path.join(os.environ.get("TMPDIR", "/tmp"), "ocr_cluster_tensorboard", self.run_id)
+        self.tb_dir = local
+        return SummaryWriter(local)
+
+    def data_wait(self, seconds: float) -> None:
+        self.window_wait += seconds
+
+    def add_loss(self, total: torch.Tensor, parts: dict[str, torch.Tensor], accum: int) -> None:
+        value = float(total)
+        self.last_loss = value
+        self.sums["loss"] = self.sums.get("loss", 0.0) + value / accum
+        for name, loss in parts.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(loss) / accum
+        self.count += 1 / accum
+
+    def losses(self) -> dict[str, float]:
+        return {f"loss_{k}" if k != "loss" else k: v / max(self.count, 1e-9) for k, v in self.sums.items()}
+
+    def step(self, done: int, lr: float) -> None:
+        self.window_iters += 1
+        if done % self.cfg.schedule.log_interval and done != self.total:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        losses = self.losses()
+        if self.rank == 0:
+            heads = ", ".join(f"{k[5:]} {v:.3f}" for k, v in losses.items() if k != "loss")
+            ips = self.window_iters * self.images_per_iter / max(elapsed, 1e-9)
+            eta = (self.total - done) * elapsed / max(self.window_iters, 1)
+            print(f"[{self.run_id}] iter {done}/{self.total} | loss {losses['loss']:.3f} ({heads}) | lr {lr:.2e} | "
+                  f"{ips:.1f} img/s | data {100 * self.window_wait / max(elapsed, 1e-9):.0f}% | "
+                  f"eta {_duration(eta)}", flush=True)
+            for key, value in losses.items():
+                self.writer.add_scalar(f"train/{key}", value, done)
+            self.writer.add_scalar("train/lr", lr, done)
+            self.writer.add_scalar("train/img_per_s", ips, done)
+        self.window_start, self.window_iters, self.window_wait = time.perf_counter(), 0, 0.0
+        self.sums, self.count = {}, 0
+
+    def evaluated(self, done: int, scores: dict) -> None:
+        self.last_scores = scores
+        if self.rank == 0:
+            print(f"[{self.run_id}] eval at iter {done}: mIoU {scores['mIoU']:.2f} | mAcc {scores['mAcc']:.2f} | "
+                  f"aAcc {scores['aAcc']:.2f}", flush=True)
+            for key in ("mIoU", "mAcc", "aAcc"):
+                self.writer.add_scalar(f"val/{key}", scores[key], done)
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        root = self.cfg.storage.checkpoint_uri
+        if storage.is_remote(root):  # TensorBoard files go next to the checkpoints
+            fs, path = storage.filesystem(storage.join(root, self.run_id, "tensorboard"))
+            fs.put(str(Path(self.tb_dir)) + "/", path + "/", recursive=True)

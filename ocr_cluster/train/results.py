@@ -1,0 +1,56 @@
+"""The run's row in the results store: completed (rank 0, at the end) or failed (the driver).
+
+Exactly one completed row per run: the driver does not start a run whose completed row exists,
+and rank 0 checks again before writing (a retry that finished twice writes once).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+
+from ocr_cluster.config import Config
+from ocr_cluster.results import read_attempts, row_from_config, write_run
+from ocr_cluster.train.checkpoint import MODEL_FILE, dir_name
+
+
+def attempts(cfg: Config, run_id: str) -> list[dict]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unreadable file elsewhere in the store is not ours to report
+        table = read_attempts(cfg.results.store_uri, dataset=cfg.data.dataset, run_id=run_id)
+    return table.to_pylist()
+
+
+def completed_row(cfg: Config, run_id: str) -> dict | None:
+    done = [row for row in attempts(cfg, run_id) if row["status"] == "completed"]
+    return done[-1] if done else None
+
+
+def _common(cfg: Config, run_id: str, world: int, num_nodes: int | None = None) -> dict:
+    return {"run_id": run_id, "attempt": len(attempts(cfg, run_id)) + 1, "num_nodes": num_nodes,
+            "num_gpus": world if cfg.cluster.use_gpu else 0,
+            "finished_at": dt.datetime.now(dt.timezone.utc)}
+
+
+def write_completed(cfg: Config, run_id: str, scores: dict, ms_scores: dict | None, *, fps, mem_gb,
+                    train_time_s: float, started_at, world: int, num_nodes: int | None) -> str | None:
+    if completed_row(cfg, run_id) is not None:
+        print(f"[{run_id}] a completed row exists already; not writing another", flush=True)
+        return None
+    from ocr_cluster.data.pipeline import open_dataset
+
+    classes = open_dataset(cfg.data).classes
+    checkpoint = f"{cfg.storage.checkpoint_uri.rstrip('/')}/{run_id}/{dir_name(cfg.schedule.iters)}/{MODEL_FILE}"
+    row = row_from_config(
+        cfg, **_common(cfg, run_id, world, num_nodes), status="completed", miou=scores["mIoU"], aacc=scores["aAcc"],
+        macc=scores["mAcc"], miou_msflip=ms_scores["mIoU"] if ms_scores else None,
+        iou_per_class=list(zip(classes, scores["IoU"])), fps=fps, mem_gb=mem_gb, train_time_s=train_time_s,
+        started_at=started_at, checkpoint_uri=checkpoint)
+    uri = write_run(cfg.results.store_uri, row)
+    print(f"[{run_id}] completed: mIoU {scores['mIoU']:.2f}; result row {uri}", flush=True)
+    return uri
+
+
+def write_failed(cfg: Config, run_id: str, error: str, world: int) -> str:
+    row = row_from_config(cfg, **_common(cfg, run_id, world), status="failed", error=error[-4000:])
+    return write_run(cfg.results.store_uri, row)

@@ -1,0 +1,179 @@
+"""The training job end to end on the real services: `ray job submit` to the test Ray head, data,
+checkpoints and results on the test S3 endpoint; worker failure and resume; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ocr_cluster import storage
+
+VENV_BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def synth_uri(_s3_service):
+    """A tiny synthetic dataset on the S3 endpoint, shared by this module's tests."""
+    from ocr_cluster.data.synth import SynthSpec, write_synthetic
+
+    saved = {k: os.environ.get(k) for k in _s3_service.env}
+    os.environ.update(_s3_service.env)
+    uri = f"s3://{_s3_service.info['bucket']}/train-job/synth"
+    write_synthetic(uri, SynthSpec(classes=4, num_train=16, num_val=4, size_hw=(64, 64)))
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return uri
+
+
+def tiny_job(tmp_path: Path, s3, synth_uri: str, **sections) -> tuple[Path, str]:
+    """A job YAML: hrnetv2_w18_small + OCR on 64x64 crops, 2 CPU workers, everything on S3."""
+    root = s3.url("job")
+    body = {
+        "model": {"backbone": "hrnetv2_w18_small", "head": "ocr"},
+        "data": {"dataset": "synthetic", "uri": synth_uri, "crop_size": "64x64", "scale": "64x64",
+                 "batch_size": 2},
+        "schedule": {"iters": 6, "checkpoint_interval": 2, "log_interval": 2},
+        "evaluation": {"interval": 6, "fps_images": 6},
+        "cluster": {"num_workers": 2, "max_failures": 3},
+        "storage": {"checkpoint_uri": f"{root}/runs"},
+        "results": {"store_uri": f"{root}/results"},
+    }
+    for section, values in sections.items():
+        body.setdefault(section, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path, root
+
+
+def submit(ray_cluster, s3, job: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`ray job submit` as a user runs it: the runtime env carries the submitting shell's S3 variables."""
+    env = {**os.environ, **ray_cluster.env, **s3.env}
+    runtime_env = subprocess.run([sys.executable, "-m", "ocr_cluster.runtime_env"], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+    assert json.loads(runtime_env)["env_vars"]["AWS_ENDPOINT_URL"] == s3.endpoint_url
+    return subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+                           "--runtime-env-json", runtime_env, "--", "python", "-m", "ocr_cluster.train",
+                           str(job), *extra],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def store_rows(store: str) -> list[dict]:
+    from ocr_cluster.results import read_attempts
+
+    return read_attempts(store).to_pylist()
+
+
+def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, synth_uri, tmp_path):
+    job, root = tiny_job(tmp_path, s3, synth_uri)
+    result = submit(ray_cluster, s3, job)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "eval at iter 6" in log and "completed: mIoU" in log
+
+    rows = store_rows(f"{root}/results")
+    assert [r["status"] for r in rows] == ["completed"]
+    row = rows[0]
+    assert row["iters"] == 6 and row["backbone"] == "hrnetv2_w18_small" and 0 <= row["miou"] <= 100
+    assert len(row["iou_per_class"]) == 4 and row["fps"] and row["fps"] > 0
+    assert row["checkpoint_uri"] == f"{root}/runs/{row['run_id']}/checkpoint_iter=0000006/model.pt"
+    assert storage.exists(row["checkpoint_uri"])  # the final checkpoint is on S3
+    assert "testing" not in json.dumps(row, default=str)  # no credential in the row
+
+    # The final checkpoint evaluates to the reported mIoU through `ocr-cluster eval`.
+    env = {**os.environ, **s3.env}
+    evaluated = subprocess.run([str(VENV_BIN / "ocr-cluster"), "eval", str(job), "--checkpoint",
+                                row["checkpoint_uri"]], capture_output=True, text=True, env=env, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"mIoU {row['miou']:.2f}" in evaluated.stdout
+
+    again = submit(ray_cluster, s3, job)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "already completed" in again.stdout
+    assert "iter 2/6" not in again.stdout
+    assert [r["status"] for r in store_rows(f"{root}/results")] == ["completed"]
+
+
+def _kill_a_worker_after_first_checkpoint(checkpoints: str, killed: list, stop: threading.Event) -> None:
+    fs, path = storage.filesystem(checkpoints)
+    while not stop.is_set():
+        try:
+            if any("checkpoint_iter=" in p for p in fs.find(path, maxdepth=2, withdirs=True)):
+                break
+        except FileNotFoundError:
+            pass
+        fs.invalidate_cache()
+        time.sleep(0.5)
+    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    if pids and not stop.is_set():
+        os.kill(int(pids[-1]), signal.SIGKILL)
+        killed.append(int(pids[-1]))
+
+
+def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_path, monkeypatch):
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    job, root = tiny_job(tmp_path, s3, synth_uri, schedule={"iters": 40, "checkpoint_interval": 4,
+                                                            "log_interval": 4},
+                         evaluation={"interval": 40, "fps_images": 6})
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(f"{root}/runs", killed, stop), daemon=True)
+    killer.start()
+    try:
+        result = submit(ray_cluster, s3, job)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    log = result.stdout + result.stderr
+    assert killed, "no worker was killed"
+    assert result.returncode == 0, log[-4000:]
+    assert "resumed from the checkpoint at iteration" in log
+    resumed_at = int(log.split("resumed from the checkpoint at iteration ")[1].split()[0])
+    assert 4 <= resumed_at < 40
+    assert [r["status"] for r in store_rows(f"{root}/results")] == ["completed"]
+
+
+@pytest.mark.parametrize("case", ["unknown backbone", "missing dataset", "unreachable endpoint",
+                                  "wrong credentials"])
+def test_bad_inputs_fail_before_any_worker(case, s3, synth_uri, tmp_path, cli):
+    import services  # scripts/services.py, on sys.path through conftest
+
+    job, root = tiny_job(tmp_path, s3, synth_uri)
+    env, extra, auth_server = dict(s3.env), [], None
+    if case == "unknown backbone":
+        extra = ["--set", "model.backbone=hrnet_w48"]
+        expected = "model.backbone: unknown value 'hrnet_w48'"
+    elif case == "missing dataset":
+        extra = ["--set", f"data.uri={root}/no-such-dataset"]
+        expected = "no-such-dataset"
+    elif case == "unreachable endpoint":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{services.free_port()}"
+        expected = "cannot read the dataset at"
+    else:
+        auth_server = services.start_s3(bucket=s3.bucket, enforce_auth=True)
+        env["AWS_ENDPOINT_URL"] = auth_server.info["endpoint_url"]
+        env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = "AKIAWRONGWRONGWRONG0", "wrong-secret"
+        expected = "Forbidden"
+    try:
+        started = time.monotonic()
+        result = cli("train", str(job), *extra, env=env, timeout=180)
+    finally:
+        if auth_server:
+            auth_server.stop()
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "RayTrainWorker" not in result.stdout + result.stderr
+    assert time.monotonic() - started < 120
+    assert not [r for r in store_rows(f"{root}/results") if r["status"] == "completed"]
