@@ -99,10 +99,20 @@ def _proc_state(pid: int) -> str:
         return ""
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are picked, so none repeats."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _wait(check, timeout: float, what: str, log: Path | None = None, proc: subprocess.Popen | None = None):
@@ -139,7 +149,7 @@ def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
     if not ray_bin.exists():
         raise ServiceUnavailable(f"no ray executable at {ray_bin}; run `make venv`")
     workdir = _short_tempdir("ocr_ray_")
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, agent_port, client_port, metrics_port = free_ports(5)
     # Ray >= 2.5x turns token auth on by itself once ~/.ray/auth_token exists (any local ray.init()
     # writes one). Run the test head with auth on, as users' clusters are, and a token of its own.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
@@ -149,8 +159,8 @@ def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
         env.pop(key, None)
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
+           f"--ray-client-server-port={client_port}", f"--metrics-export-port={metrics_port}",
            f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 1024**2}",
            f"--temp-dir={workdir}", "--disable-usage-stats"]
     log = workdir / "ray_start.log"
@@ -288,7 +298,8 @@ def start_slurm() -> Service:
     mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                       if line.startswith("MemTotal")).split()[1])
     conf = state / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=host, ctld_port=free_port(), slurmd_port=free_port(), state=state,
+    ctld_port, slurmd_port = free_ports(2)
+    conf.write_text(SLURM_CONF.format(host=host, ctld_port=ctld_port, slurmd_port=slurmd_port, state=state,
                                       cpus=os.cpu_count(), mem_mb=int(mem_kb / 1024 * 0.85)))
     env = {"SLURM_CONF": str(conf)}
     run_env = {**os.environ, **env}

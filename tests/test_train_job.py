@@ -103,7 +103,17 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert [r["status"] for r in store_rows(f"{root}/results")] == ["completed"]
 
 
-def _kill_a_worker_after_first_checkpoint(checkpoints: str, killed: list, stop: threading.Event) -> None:
+def _alive_train_workers(ray_cluster) -> list[int]:
+    """PIDs of the live Ray Train worker actors, from Ray's state API (not a process-name guess)."""
+    out = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", "--address", ray_cluster.address,
+                          "--filter", "class_name=RayTrainWorker", "--filter", "state=ALIVE", "--detail",
+                          "--format", "json"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **ray_cluster.env})
+    return [int(actor["pid"]) for actor in json.loads(out.stdout or "[]") if actor.get("pid")]
+
+
+def _kill_a_worker_after_first_checkpoint(ray_cluster, checkpoints: str, killed: list,
+                                          stop: threading.Event) -> None:
     fs, path = storage.filesystem(checkpoints)
     while not stop.is_set():
         try:
@@ -113,22 +123,22 @@ def _kill_a_worker_after_first_checkpoint(checkpoints: str, killed: list, stop: 
             pass
         fs.invalidate_cache()
         time.sleep(0.5)
-    pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    if pids and not stop.is_set():
-        os.kill(int(pids[-1]), signal.SIGKILL)
-        killed.append(int(pids[-1]))
+    pids = _alive_train_workers(ray_cluster) if not stop.is_set() else []
+    if pids:
+        os.kill(max(pids), signal.SIGKILL)
+        killed.append(max(pids))
 
 
 def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_path, monkeypatch):
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
-    job, root = tiny_job(tmp_path, s3, synth_uri, schedule={"iters": 40, "checkpoint_interval": 4,
+    job, root = tiny_job(tmp_path, s3, synth_uri, schedule={"iters": 60, "checkpoint_interval": 4,
                                                             "log_interval": 4},
-                         evaluation={"interval": 40, "fps_images": 6})
+                         evaluation={"interval": 60, "fps_images": 6})
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(f"{root}/runs", killed, stop), daemon=True)
+                              args=(ray_cluster, f"{root}/runs", killed, stop), daemon=True)
     killer.start()
     try:
         result = submit(ray_cluster, s3, job)
@@ -140,7 +150,7 @@ def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_
     assert result.returncode == 0, log[-4000:]
     assert "resumed from the checkpoint at iteration" in log
     resumed_at = int(log.split("resumed from the checkpoint at iteration ")[1].split()[0])
-    assert 4 <= resumed_at < 40
+    assert 4 <= resumed_at < 60
     assert [r["status"] for r in store_rows(f"{root}/results")] == ["completed"]
 
 
