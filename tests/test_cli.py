@@ -123,3 +123,25 @@ def test_models_unknown_backbone_is_one_line(cli):
     result = cli("models", "info", "--backbone", "hrnet48", "--head", "ocr")
     assert result.returncode == 2
     assert "valid: hrnetv2_w18_small" in one_line(result.stderr)
+
+
+def test_models_convert_mmseg_checkpoint(cli, tmp_path):
+    import torch
+
+    from ocr_cluster.models import build_model, load_checkpoint
+
+    model = build_model("hrnetv2_w18_small", "fcn", num_classes=5)
+    src = tmp_path / "mmseg.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {"note": "mmseg-style"}}, src)
+    dst = tmp_path / "ours.pt"
+    result = cli("models", "convert", str(src), str(dst), "--backbone", "hrnetv2_w18_small", "--head", "fcn",
+                 "--num-classes", "5")
+    assert result.returncode == 0, result.stderr
+    assert "(mmseg)" in result.stdout
+    fresh = build_model("hrnetv2_w18_small", "fcn", num_classes=5)
+    load_checkpoint(fresh, str(dst))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    wrong = cli("models", "convert", str(src), str(tmp_path / "x.pt"), "--backbone", "hrnetv2_w18_small",
+                "--head", "fcn", "--num-classes", "7")
+    assert wrong.returncode == 2 and not (tmp_path / "x.pt").exists()
+    assert "mis" in one_line(wrong.stderr).lower()

@@ -88,6 +88,8 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert row["checkpoint_uri"] == f"{root}/runs/{row['run_id']}/checkpoint_iter=0000006/model.pt"
     assert storage.exists(row["checkpoint_uri"])  # the final checkpoint is on S3
     assert "testing" not in json.dumps(row, default=str)  # no credential in the row
+    tensorboard = storage.list_files(f"{root}/runs/{row['run_id']}/tensorboard")
+    assert any("events.out.tfevents" in p for p in tensorboard)
 
     # The final checkpoint evaluates to the reported mIoU through `ocr-cluster eval`.
     env = {**os.environ, **s3.env}

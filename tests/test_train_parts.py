@@ -158,3 +158,43 @@ def test_optimizer_groups_and_head_lr_mult():
     lrs = sorted(g["lr"] for g in opt.param_groups)
     assert lrs == pytest.approx([0.01, 0.1])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+
+
+def test_slide_inference_equals_whole_for_a_pointwise_model():
+    from ocr_cluster.train.inference import InferenceSettings, predict
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1).eval()  # no spatial context: every window sees the same logits
+    image = torch.randn(1, 3, 37, 53)
+    whole = predict(model, image, (37, 53), InferenceSettings(mode="whole"))
+    slide = predict(model, image, (37, 53), InferenceSettings(mode="slide", crop=(16, 24), stride=(11, 13)))
+    assert torch.equal(whole, slide)
+    bigger = predict(model, image, (74, 106), InferenceSettings(mode="whole"))
+    assert bigger.shape == (1, 74, 106)  # logits resized to the label's size before argmax
+
+
+def test_ms_flip_averages_probabilities():
+    from ocr_cluster.train.inference import InferenceSettings, predict
+
+    class LeftRight(torch.nn.Module):  # class 1 on the left half, class 0 on the right: flip-sensitive
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            logits[:, 1, :, : x.shape[-1] // 2] = 1.0
+            return logits
+
+    image = torch.zeros(1, 3, 8, 8)
+    single = predict(LeftRight(), image, (8, 8), InferenceSettings())
+    assert single[0, 0, 0] == 1 and single[0, 0, -1] == 0
+    flipped = predict(LeftRight(), image, (8, 8), InferenceSettings(ms_ratios=(1.0,), flip=True))
+    # each pixel is class 1 (p 0.73) in one view and a 0.5 tie in the other: the average says 1 everywhere
+    assert flipped.unique().tolist() == [1]
+
+
+def test_micro_batch_accumulates_to_the_global_batch():
+    from ocr_cluster import config
+    from ocr_cluster.train.loop import micro_batch
+
+    cfg = config.load(overrides=["data.batch_size=16", "cluster.num_workers=4"])
+    assert micro_batch(cfg, 4) == (4, 1)
+    cfg = config.load(overrides=["data.batch_size=16", "cluster.num_workers=2", "cluster.micro_batch=2"])
+    assert micro_batch(cfg, 2) == (2, 4)  # 2 workers x 2 samples x 4 steps = 16
