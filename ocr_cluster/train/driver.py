@@ -206,6 +206,9 @@ def run(cfg: Config) -> int:
     print(f"run {plan.run_id} ({cfg.run.name}): {cfg.model.head} on {cfg.model.backbone}, {cfg.data.dataset} "
           f"({plan.num_classes} classes), {cfg.schedule.iters} iterations, batch {cfg.data.batch_size} on "
           f"{cfg.cluster.num_workers} worker(s), {where}", flush=True)
+    if cfg.data.dataset != "synthetic" and not (cfg.model.pretrained or cfg.model.pretrained_backbone):
+        print("note: no model.pretrained_backbone: training from random initialisation; the published "
+              "numbers start from ImageNet weights", flush=True)
     connect_ray(cfg)
     trainer = build_trainer(cfg, plan)
     try:

@@ -27,7 +27,7 @@ from ocr_cluster.train import checkpoint
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
 from ocr_cluster.train.losses import segmentation_loss
 from ocr_cluster.train.metrics import IoUMetric
-from ocr_cluster.train.progress import Progress
+from ocr_cluster.train.progress import Progress, say
 from ocr_cluster.train.schedule import build_optimizer, set_lr
 
 
@@ -79,7 +79,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if device.type == "cuda":
             model = convert_sync_batchnorm(model)
         elif rank == 0:  # torch's SyncBatchNorm runs on CUDA only
-            print(f"[{run_id}] model.norm syncbn: CPU workers use per-worker BatchNorm", flush=True)
+            say(f"[{run_id}] model.norm syncbn: CPU workers use per-worker BatchNorm")
     resume = ray.train.get_checkpoint()
     if resume is None and cfg.model.pretrained:
         load_checkpoint(model, cfg.model.pretrained)
@@ -97,7 +97,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if rank != 0:
             torch.manual_seed(cfg.run.seed * 1000003 + rank * 7919 + start_iter)
         else:
-            print(f"[{run_id}] resumed from the checkpoint at iteration {start_iter}", flush=True)
+            say(f"[{run_id}] resumed from the checkpoint at iteration {start_iter}")
     else:
         torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank, as in mmseg
 

@@ -6,12 +6,20 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ocr_cluster import storage
+
+
+def say(message: str) -> None:
+    """One log line from a worker. Not print(): Ray Train patches print in workers to log through the root
+    logger and tee to stdout, which shows every line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def _duration(seconds: float) -> str:
@@ -67,9 +75,9 @@ class Progress:
             heads = ", ".join(f"{k[5:]} {v:.3f}" for k, v in losses.items() if k != "loss")
             ips = self.window_iters * self.images_per_iter / max(elapsed, 1e-9)
             eta = (self.total - done) * elapsed / max(self.window_iters, 1)
-            print(f"[{self.run_id}] iter {done}/{self.total} | loss {losses['loss']:.3f} ({heads}) | lr {lr:.2e} | "
-                  f"{ips:.1f} img/s | data {100 * self.window_wait / max(elapsed, 1e-9):.0f}% | "
-                  f"eta {_duration(eta)}", flush=True)
+            say(f"[{self.run_id}] iter {done}/{self.total} | loss {losses['loss']:.3f} ({heads}) | lr {lr:.2e} | "
+                f"{ips:.1f} img/s | data {100 * self.window_wait / max(elapsed, 1e-9):.0f}% | "
+                f"eta {_duration(eta)}")
             for key, value in losses.items():
                 self.writer.add_scalar(f"train/{key}", value, done)
             self.writer.add_scalar("train/lr", lr, done)
@@ -80,8 +88,8 @@ class Progress:
     def evaluated(self, done: int, scores: dict) -> None:
         self.last_scores = scores
         if self.rank == 0:
-            print(f"[{self.run_id}] eval at iter {done}: mIoU {scores['mIoU']:.2f} | mAcc {scores['mAcc']:.2f} | "
-                  f"aAcc {scores['aAcc']:.2f}", flush=True)
+            say(f"[{self.run_id}] eval at iter {done}: mIoU {scores['mIoU']:.2f} | mAcc {scores['mAcc']:.2f} | "
+                f"aAcc {scores['aAcc']:.2f}")
             for key in ("mIoU", "mAcc", "aAcc"):
                 self.writer.add_scalar(f"val/{key}", scores[key], done)
 

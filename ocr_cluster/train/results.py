@@ -12,6 +12,7 @@ import warnings
 from ocr_cluster.config import Config
 from ocr_cluster.results import read_attempts, row_from_config, write_run
 from ocr_cluster.train.checkpoint import MODEL_FILE, dir_name
+from ocr_cluster.train.progress import say
 
 
 def attempts(cfg: Config, run_id: str) -> list[dict]:
@@ -35,7 +36,7 @@ def _common(cfg: Config, run_id: str, world: int, num_nodes: int | None = None) 
 def write_completed(cfg: Config, run_id: str, scores: dict, ms_scores: dict | None, *, fps, mem_gb,
                     train_time_s: float, started_at, world: int, num_nodes: int | None) -> str | None:
     if completed_row(cfg, run_id) is not None:
-        print(f"[{run_id}] a completed row exists already; not writing another", flush=True)
+        say(f"[{run_id}] a completed row exists already; not writing another")
         return None
     from ocr_cluster.data.pipeline import open_dataset
 
@@ -47,7 +48,7 @@ def write_completed(cfg: Config, run_id: str, scores: dict, ms_scores: dict | No
         iou_per_class=list(zip(classes, scores["IoU"])), fps=fps, mem_gb=mem_gb, train_time_s=train_time_s,
         started_at=started_at, checkpoint_uri=checkpoint)
     uri = write_run(cfg.results.store_uri, row)
-    print(f"[{run_id}] completed: mIoU {scores['mIoU']:.2f}; result row {uri}", flush=True)
+    say(f"[{run_id}] completed: mIoU {scores['mIoU']:.2f}; result row {uri}")
     return uri
 
 
