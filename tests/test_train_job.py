@@ -116,10 +116,12 @@ def _alive_train_workers(ray_cluster) -> list[int]:
 
 def _kill_a_worker_after_first_checkpoint(ray_cluster, checkpoints: str, killed: list,
                                           stop: threading.Event) -> None:
+    # Ray writes its checkpoint manager's snapshot once a checkpoint is registered (a checkpoint_iter=
+    # directory appears earlier, when its upload starts; killing then would rightly restart from scratch).
     fs, path = storage.filesystem(checkpoints)
     while not stop.is_set():
         try:
-            if any("checkpoint_iter=" in p for p in fs.find(path, maxdepth=2, withdirs=True)):
+            if any(p.endswith("checkpoint_manager_snapshot.json") for p in fs.find(path, maxdepth=2)):
                 break
         except FileNotFoundError:
             pass
