@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ocr_cluster.models.backbones.resnet import BasicBlock, Bottleneck, make_res_layer
-from ocr_cluster.models.layers import constant_init, kaiming_init, resize
+from ocr_cluster.models.backbones.resnet import BasicBlock, Bottleneck, init_weights, make_res_layer
+from ocr_cluster.models.layers import resize
 
 __all__ = ["HRModule", "HRNet", "VARIANTS", "hrnet"]
 
@@ -174,7 +174,7 @@ class HRNet(nn.Module):
 
         self.out_channels = tuple(pre)
         self.out_strides = tuple(4 * 2 ** i for i in range(len(pre)))
-        self._init_weights(zero_init_residual)
+        init_weights(self, zero_init_residual)
 
     @staticmethod
     def _make_transition(pre: list[int], cur: list[int]) -> nn.ModuleList:
@@ -202,19 +202,6 @@ class HRNet(nn.Module):
             in_channels = m.in_channels
             modules.append(m)
         return nn.Sequential(*modules), list(in_channels)
-
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                kaiming_init(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                constant_init(m, 1.0)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    constant_init(m.bn3, 0.0)
-                elif isinstance(m, BasicBlock):
-                    constant_init(m.bn2, 0.0)
 
     @staticmethod
     def _transition(transition: nn.ModuleList, ys: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -77,6 +77,22 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def init_weights(backbone: nn.Module, zero_init_residual: bool) -> None:
+    """mmseg's defaults without pretrained weights: Kaiming (fan_out) convs, BN weight 1 / bias 0, and
+    with zero_init_residual the last BN of each residual block (Bottleneck.bn3, BasicBlock.bn2) at 0."""
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            kaiming_init(m)
+        elif isinstance(m, nn.BatchNorm2d):
+            constant_init(m, 1.0)
+    if zero_init_residual:
+        for m in backbone.modules():
+            if isinstance(m, Bottleneck):
+                constant_init(m.bn3, 0.0)
+            elif isinstance(m, BasicBlock):
+                constant_init(m.bn2, 0.0)
+
+
 def make_res_layer(block: type[BasicBlock] | type[Bottleneck], inplanes: int, planes: int,
                    num_blocks: int, stride: int = 1, dilation: int = 1,
                    contract_dilation: bool = False) -> nn.Sequential:
@@ -147,20 +163,7 @@ class ResNetV1c(nn.Module):
             out_strides.append(stride_so_far)
         self.out_channels = tuple(out_channels)
         self.out_strides = tuple(out_strides)
-        self._init_weights(zero_init_residual)
-
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        # mmseg's defaults without pretrained weights: Kaiming (fan_out) convs, BN weight 1 / bias 0,
-        # and zero_init_residual (last BN of each block starts at 0).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                kaiming_init(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                constant_init(m, 1.0)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    constant_init(m.bn3, 0.0)
+        init_weights(self, zero_init_residual)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.stem(x))
