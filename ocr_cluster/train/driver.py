@@ -80,6 +80,16 @@ def absolute_local_paths(cfg: Config) -> Config:
         results=dataclasses.replace(cfg.results, store_uri=fix(cfg.results.store_uri)))
 
 
+def _must_exist(key: str, uri: str, target: str, missing: str) -> None:
+    """`target` (a URL) must exist; an unreachable endpoint or refused credentials name `key` and `uri`."""
+    try:
+        found = storage.exists(target)
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials: all one line
+        raise TrainSetupError(f"{key}: cannot reach {uri}: {_reason(exc)}") from None
+    if not found:
+        raise TrainSetupError(f"{key}: {missing}")
+
+
 def preflight(cfg: Config) -> Plan:
     """Every check that needs no worker. Raises TrainSetupError (or DataError) with one line."""
     from ocr_cluster.data.errors import DataError
@@ -126,24 +136,12 @@ def preflight(cfg: Config) -> Plan:
     for key, uri in (("model.pretrained", cfg.model.pretrained),
                      ("model.pretrained_backbone", cfg.model.pretrained_backbone)):
         if uri:
-            try:
-                found = storage.exists(uri)
-            except Exception as exc:  # noqa: BLE001
-                raise TrainSetupError(f"{key}: cannot reach {uri}: {_reason(exc)}") from None
-            if not found:
-                raise TrainSetupError(f"{key}: no checkpoint at {uri}")
-
+            _must_exist(key, uri, uri, f"no checkpoint at {uri}")
     for key, uri in (("storage.checkpoint_uri", cfg.storage.checkpoint_uri),
                      ("results.store_uri", cfg.results.store_uri)):
         if storage.is_remote(uri):
-            fs, path = storage.filesystem(uri)
-            bucket = path.split("/", 1)[0]
-            try:
-                ok = fs.exists(bucket)
-            except Exception as exc:  # noqa: BLE001
-                raise TrainSetupError(f"{key}: cannot reach {uri}: {_reason(exc)}") from None
-            if not ok:
-                raise TrainSetupError(f"{key}: bucket '{bucket}' of {uri} does not exist")
+            bucket = storage.filesystem(uri)[1].split("/", 1)[0]
+            _must_exist(key, uri, f"{storage.scheme(uri)}://{bucket}", f"bucket '{bucket}' of {uri} does not exist")
     return Plan(run_id, num_classes, manifest, latest_checkpoint_iter(cfg, run_id))
 
 
@@ -179,7 +177,7 @@ def build_trainer(cfg: Config, plan: Plan):
     resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config_yaml": cfg.to_yaml(), "num_classes": plan.num_classes, "run_id": plan.run_id},
+        train_loop_config={"config_yaml": cfg.to_yaml()},
         datasets={"train": dataset},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker=resources),

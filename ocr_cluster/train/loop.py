@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 
 from ocr_cluster import config as config_mod
-from ocr_cluster.data.pipeline import iter_eval, torch_batches
+from ocr_cluster.data.pipeline import iter_eval, open_dataset, torch_batches
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
 from ocr_cluster.train import checkpoint
@@ -50,22 +50,25 @@ def micro_batch(cfg: config_mod.Config, world: int) -> tuple[int, int]:
     return micro, per_worker // micro
 
 
-def run_evaluation(model, cfg, num_classes, rank, world, device, dtype, ms_flip=False) -> dict:
+def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=False) -> dict:
     """mIoU over the whole val split, each worker taking every world-th image, confusion all-reduced."""
     bare = getattr(model, "module", model)
     if world > 1:  # evaluate rank 0's BN statistics everywhere: the checkpoint's model, whatever the norm
         for buffer in bare.buffers():
             torch.distributed.broadcast(buffer, src=0)
-    metric = IoUMetric(num_classes)
+    metric = IoUMetric(manifest.num_classes)
     settings = InferenceSettings.from_config(cfg.evaluation, bare.final_head.align_corners, ms_flip=ms_flip)
-    evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world), metric, settings, device, dtype)
+    evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest), metric, settings, device,
+             dtype)
     metric.all_reduce()
     return metric.compute()
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
     cfg = config_mod.loads_yaml(loop_config["config_yaml"])
-    num_classes, run_id = loop_config["num_classes"], loop_config["run_id"]
+    run_id = cfg.run_id
+    manifest = open_dataset(cfg.data)  # read once: classes for the model, the evaluations and the row
+    num_classes = manifest.num_classes
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -140,26 +143,27 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
         done = it + 1
         final = done == cfg.schedule.iters
-        metrics = {"iter": done, "lr": lr, **progress.losses()}
+        due_eval, due_ckpt = final or done % eval_every == 0, final or done % ckpt_every == 0
+        metrics = {"iter": done, "lr": lr, **progress.losses()} if due_ckpt else {}  # before step() resets it
         progress.step(done, lr)
-        if final or done % eval_every == 0:
-            scores = run_evaluation(model, cfg, num_classes, rank, world, device, dtype)
+        if due_eval:
+            scores = run_evaluation(model, cfg, manifest, rank, world, device, dtype)
             metrics.update({"mIoU": scores["mIoU"], "mAcc": scores["mAcc"], "aAcc": scores["aAcc"]})
             progress.evaluated(done, scores)
-        if final or done % ckpt_every == 0:
+        if due_ckpt:
             report(model, optimizer, scaler, done, metrics, meta, rank)
 
     # End of the run: ms+flip, speed and memory as mmseg's README columns, then the result row.
     train_time = time.time() - started
-    scores = progress.last_scores or run_evaluation(model, cfg, num_classes, rank, world, device, dtype)
-    ms_scores = run_evaluation(model, cfg, num_classes, rank, world, device, dtype, ms_flip=True) \
+    scores = progress.last_scores or run_evaluation(model, cfg, manifest, rank, world, device, dtype)
+    ms_scores = run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=True) \
         if cfg.evaluation.ms_flip else None
     if rank == 0:
         from ocr_cluster.train.results import write_completed
 
-        fps = fps_on_val(model, cfg, device, dtype)
+        fps = fps_on_val(model, cfg, manifest, device, dtype)
         mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
-        write_completed(cfg, run_id, scores, ms_scores, fps=fps, mem_gb=mem_gb, train_time_s=train_time,
+        write_completed(cfg, run_id, list(manifest.classes), scores, ms_scores, fps=fps, mem_gb=mem_gb, train_time_s=train_time,
                         started_at=dt.datetime.fromtimestamp(started, dt.timezone.utc),
                         world=world, num_nodes=max(1, world // max(1, context.get_local_world_size())))
     progress.close()
@@ -179,9 +183,9 @@ def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def fps_on_val(model, cfg: config_mod.Config, device: torch.device, dtype) -> float | None:
+def fps_on_val(model, cfg: config_mod.Config, manifest, device: torch.device, dtype) -> float | None:
     images = []
-    for sample in iter_eval(cfg.data, rank=0, world_size=1):
+    for sample in iter_eval(cfg.data, rank=0, world_size=1, manifest=manifest):
         images.append(torch.as_tensor(sample["image"]))
         if len(images) >= cfg.evaluation.fps_images:
             break

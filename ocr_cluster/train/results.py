@@ -22,29 +22,31 @@ def attempts(cfg: Config, run_id: str) -> list[dict]:
     return table.to_pylist()
 
 
-def completed_row(cfg: Config, run_id: str) -> dict | None:
-    done = [row for row in attempts(cfg, run_id) if row["status"] == "completed"]
+def _completed(rows: list[dict]) -> dict | None:
+    done = [row for row in rows if row["status"] == "completed"]
     return done[-1] if done else None
 
 
-def _common(cfg: Config, run_id: str, world: int, num_nodes: int | None = None) -> dict:
-    return {"run_id": run_id, "attempt": len(attempts(cfg, run_id)) + 1, "num_nodes": num_nodes,
+def completed_row(cfg: Config, run_id: str) -> dict | None:
+    return _completed(attempts(cfg, run_id))
+
+
+def _common(cfg: Config, run_id: str, world: int, previous: int, num_nodes: int | None = None) -> dict:
+    return {"run_id": run_id, "attempt": previous + 1, "num_nodes": num_nodes,
             "num_gpus": world if cfg.cluster.use_gpu else 0,
             "finished_at": dt.datetime.now(dt.timezone.utc)}
 
 
-def write_completed(cfg: Config, run_id: str, scores: dict, ms_scores: dict | None, *, fps, mem_gb,
-                    train_time_s: float, started_at, world: int, num_nodes: int | None) -> str | None:
-    if completed_row(cfg, run_id) is not None:
+def write_completed(cfg: Config, run_id: str, classes: list[str], scores: dict, ms_scores: dict | None, *, fps,
+                    mem_gb, train_time_s: float, started_at, world: int, num_nodes: int | None) -> str | None:
+    rows = attempts(cfg, run_id)
+    if _completed(rows) is not None:
         say(f"[{run_id}] a completed row exists already; not writing another")
         return None
-    from ocr_cluster.data.pipeline import open_dataset
-
-    classes = open_dataset(cfg.data).classes
     checkpoint = f"{cfg.storage.checkpoint_uri.rstrip('/')}/{run_id}/{dir_name(cfg.schedule.iters)}/{MODEL_FILE}"
     row = row_from_config(
-        cfg, **_common(cfg, run_id, world, num_nodes), status="completed", miou=scores["mIoU"], aacc=scores["aAcc"],
-        macc=scores["mAcc"], miou_msflip=ms_scores["mIoU"] if ms_scores else None,
+        cfg, **_common(cfg, run_id, world, len(rows), num_nodes), status="completed", miou=scores["mIoU"],
+        aacc=scores["aAcc"], macc=scores["mAcc"], miou_msflip=ms_scores["mIoU"] if ms_scores else None,
         iou_per_class=list(zip(classes, scores["IoU"])), fps=fps, mem_gb=mem_gb, train_time_s=train_time_s,
         started_at=started_at, checkpoint_uri=checkpoint)
     uri = write_run(cfg.results.store_uri, row)
@@ -53,5 +55,6 @@ def write_completed(cfg: Config, run_id: str, scores: dict, ms_scores: dict | No
 
 
 def write_failed(cfg: Config, run_id: str, error: str, world: int) -> str:
-    row = row_from_config(cfg, **_common(cfg, run_id, world), status="failed", error=error[-4000:])
+    previous = len(attempts(cfg, run_id))
+    row = row_from_config(cfg, **_common(cfg, run_id, world, previous), status="failed", error=error[-4000:])
     return write_run(cfg.results.store_uri, row)
