@@ -52,15 +52,17 @@ logged as a warning and counted: `Stats` in-process, `SkipCounter` across Ray ta
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ocr_cluster.data.errors import DataError
-from ocr_cluster.data.shards import Manifest, ShardInfo, read_manifest, read_shard
+# The plan's public names are re-exported: pipeline is the module callers import.
+from ocr_cluster.data.plan import (COLUMNS, SkipCounter, Stats, block_rows_for, epoch_at,  # noqa: F401
+                                   epoch_plan, epochs_for, eval_params, eval_range, open_dataset,
+                                   read_shard_or_skip, row_order, train_params)
+from ocr_cluster.data.shards import Manifest
 from ocr_cluster.data.transforms import (EvalParams, TrainParams, eval_transform, sample_rng,
                                          train_transform)
 
@@ -70,152 +72,6 @@ if TYPE_CHECKING:
     from ocr_cluster.config import DataSection
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ["key", "image", "label"]
-BLOCK_BYTES = 4 * 1024 * 1024
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameters from the config and the manifest
-
-
-def _size(text: str) -> tuple[int, int]:
-    a, b = str(text).lower().split("x")
-    return int(a), int(b)
-
-
-def open_dataset(data: DataSection) -> Manifest:
-    """The manifest at data.uri, checked against data.dataset."""
-    manifest = read_manifest(data.uri)
-    if manifest.dataset != data.dataset:
-        raise DataError(f"data.dataset is {data.dataset!r} but the shards at {data.uri} hold {manifest.dataset!r}")
-    return manifest
-
-
-def train_params(data: DataSection, manifest: Manifest) -> TrainParams:
-    return TrainParams(crop_hw=_size(data.crop_size), scale_wh=_size(data.scale), num_classes=manifest.num_classes,
-                       ratio_range=(float(data.ratio_range[0]), float(data.ratio_range[1])),
-                       cat_max_ratio=float(data.cat_max_ratio), flip_prob=float(data.flip_prob),
-                       photometric=bool(data.photometric), mean=tuple(map(float, data.mean)),
-                       std=tuple(map(float, data.std)),
-                       flip_swap=tuple(tuple(map(int, p)) for p in manifest.flip_swap))
-
-
-def eval_params(data: DataSection, manifest: Manifest, resize: bool = True) -> EvalParams:
-    return EvalParams(num_classes=manifest.num_classes, scale_wh=_size(data.scale) if resize else None,
-                      mean=tuple(map(float, data.mean)), std=tuple(map(float, data.std)))
-
-
-def epochs_for(iters: int, global_batch: int, manifest: Manifest, split: str = "train", start_epoch: int = 0) -> int:
-    """Epochs a run of `iters` iterations consumes from `start_epoch`, plus one spare."""
-    n = max(1, manifest.split(split).num_samples)
-    return max(1, math.ceil(iters * global_batch / n) - start_epoch + 1)
-
-
-def epoch_at(iteration: int, global_batch: int, manifest: Manifest, split: str = "train") -> int:
-    """The epoch that iteration `iteration` falls in (where a resumed stream restarts)."""
-    return (iteration * global_batch) // max(1, manifest.split(split).num_samples)
-
-
-# ---------------------------------------------------------------------------------------------
-# Order of samples: shards, then rows, shuffled per (seed, epoch)
-
-
-def epoch_plan(manifest: Manifest, split: str, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """Shard indices in the order epoch `epoch` reads them."""
-    shards = manifest.split(split).shards
-    order = list(range(len(shards)))
-    if shuffle:
-        np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0x5A4D]).shuffle(order)
-    return order
-
-
-def row_order(num_rows: int, seed: int, epoch: int, shard_index: int, shuffle: bool) -> np.ndarray:
-    if not shuffle:
-        return np.arange(num_rows)
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, 0x524F57, shard_index])
-    return rng.permutation(num_rows)
-
-
-def block_rows_for(manifest: Manifest, split: str) -> int:
-    """Rows per encoded block: about BLOCK_BYTES of encoded samples, 4 to 64 rows."""
-    info = manifest.split(split)
-    avg = info.num_bytes / max(1, info.num_samples)
-    return int(min(64, max(4, BLOCK_BYTES // max(1, avg))))
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad data accounting
-
-
-@dataclass
-class Stats:
-    """Counts of an in-process iterator (skipped samples when data.skip_bad_samples is on)."""
-
-    samples: int = 0
-    skipped: int = 0
-    messages: list[str] = field(default_factory=list)
-
-    def add(self, message: str, count: int = 1) -> None:
-        self.skipped += count
-        if len(self.messages) < 100:
-            self.messages.append(message)
-        log.warning("skipping bad data (%d skipped so far): %s", self.skipped, message)
-
-
-class SkipCounter:
-    """Counts samples skipped by Ray tasks; pass to train_dataset/eval_dataset, read `total()`.
-
-    Backed by a small Ray actor (0 CPUs) owned by the process that creates it.
-    """
-
-    def __init__(self) -> None:
-        import ray
-
-        self._actor = ray.remote(num_cpus=0)(_CounterActor).remote()
-
-    def add(self, message: str, count: int = 1) -> None:
-        import ray
-
-        log.warning("skipping bad data: %s", message)
-        ray.get(self._actor.add.remote(message, count))  # counted before the task's output is seen
-
-    def total(self) -> int:
-        import ray
-
-        return ray.get(self._actor.total.remote())
-
-    def messages(self) -> list[str]:
-        import ray
-
-        return ray.get(self._actor.messages.remote())
-
-
-class _CounterActor:
-    def __init__(self) -> None:
-        self.count, self.msgs = 0, []
-
-    def add(self, message: str, count: int) -> None:
-        self.count += count
-        if len(self.msgs) < 100:
-            self.msgs.append(message)
-
-    def total(self) -> int:
-        return self.count
-
-    def messages(self) -> list[str]:
-        return list(self.msgs)
-
-
-def _read(manifest: Manifest, index: int, shard: ShardInfo, *, verify: bool, skip_bad: bool, counter) -> Any:
-    try:
-        return read_shard(manifest, shard, verify=verify, columns=COLUMNS)
-    except DataError as exc:
-        if not skip_bad:
-            raise
-        counter.add(f"{exc} (its {shard.num_samples} samples skipped)", shard.num_samples)
-        return None
-
 
 # ---------------------------------------------------------------------------------------------
 # Plain-Python iterators
@@ -230,11 +86,6 @@ def binary_views(column) -> list[np.ndarray]:
         values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
         out += [values[a:b] for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
     return out
-
-
-def eval_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of the split indices evaluated by worker `rank` (sizes differ by at most one)."""
-    return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
 
 
 def iter_rows(manifest: Manifest, split: str, *, seed: int = 0, epochs: Iterable[int] = (0,), shuffle: bool = True,
@@ -258,7 +109,7 @@ def iter_rows(manifest: Manifest, split: str, *, seed: int = 0, epochs: Iterable
             lo, hi = max(start, offsets[index]) - offsets[index], min(stop, offsets[index + 1]) - offsets[index]
             if hi <= lo:
                 continue
-            table = _read(manifest, index, shard, verify=verify, skip_bad=skip_bad, counter=stats)
+            table = read_shard_or_skip(manifest, index, shard, verify=verify, skip_bad=skip_bad, counter=stats)
             if table is None:
                 continue
             uri = manifest.shard_uri(shard)
@@ -407,7 +258,7 @@ def _read_task(manifest: Manifest, split: str, index: int, epoch: int, lo: int, 
     import pyarrow as pa
 
     shard = manifest.split(split).shards[index]
-    table = _read(manifest, index, shard, verify=verify, skip_bad=skip_bad,
+    table = read_shard_or_skip(manifest, index, shard, verify=verify, skip_bad=skip_bad,
                   counter=counter if counter is not None else Stats())
     if table is None:
         return
@@ -436,15 +287,13 @@ def _one_cpu() -> None:
         cv2.setNumThreads(1)
 
 
-def _train_batch(batch: dict[str, np.ndarray], *, params: TrainParams, seed: int, skip_bad: bool,
-                 counter) -> dict[str, np.ndarray]:
-    _one_cpu()
+def _transform_rows(batch: dict[str, np.ndarray], transform, *, skip_bad: bool, counter):
+    """(keys, images, labels) of the rows `transform(i, where)` accepts; a bad row raises, or is counted
+    and left out with skip_bad."""
     keys, images, labels = [], [], []
-    for key, image, label, epoch, shard in zip(batch["key"], batch["image"], batch["label"], batch["epoch"],
-                                               batch["shard"]):
+    for i, key in enumerate(batch["key"]):
         try:
-            img, lab = train_transform(image, label, params, sample_rng(seed, int(epoch), str(key)),
-                                       where=f"shard {shard}: sample {str(key)!r}")
+            img, lab = transform(i, f"shard {batch['shard'][i]}: sample {str(key)!r}")
         except DataError as exc:
             if not skip_bad:
                 raise
@@ -453,6 +302,18 @@ def _train_batch(batch: dict[str, np.ndarray], *, params: TrainParams, seed: int
         keys.append(str(key))
         images.append(img)
         labels.append(lab)
+    return keys, images, labels
+
+
+def _train_batch(batch: dict[str, np.ndarray], *, params: TrainParams, seed: int, skip_bad: bool,
+                 counter) -> dict[str, np.ndarray]:
+    _one_cpu()
+
+    def transform(i: int, where: str):
+        rng = sample_rng(seed, int(batch["epoch"][i]), str(batch["key"][i]))
+        return train_transform(batch["image"][i], batch["label"][i], params, rng, where=where)
+
+    keys, images, labels = _transform_rows(batch, transform, skip_bad=skip_bad, counter=counter)
     h, w = params.crop_hw
     return {"key": np.array(keys, dtype=object),
             "image": np.stack(images) if images else np.zeros((0, 3, h, w), np.float32),
@@ -461,18 +322,11 @@ def _train_batch(batch: dict[str, np.ndarray], *, params: TrainParams, seed: int
 
 def _eval_batch(batch: dict[str, np.ndarray], *, params: EvalParams, skip_bad: bool, counter) -> dict[str, Any]:
     _one_cpu()
-    keys, images, labels = [], [], []
-    for key, image, label, shard in zip(batch["key"], batch["image"], batch["label"], batch["shard"]):
-        try:
-            img, lab = eval_transform(image, label, params, where=f"shard {shard}: sample {str(key)!r}")
-        except DataError as exc:
-            if not skip_bad:
-                raise
-            _report(counter, str(exc))
-            continue
-        keys.append(str(key))
-        images.append(img)
-        labels.append(lab)
+
+    def transform(i: int, where: str):
+        return eval_transform(batch["image"][i], batch["label"][i], params, where=where)
+
+    keys, images, labels = _transform_rows(batch, transform, skip_bad=skip_bad, counter=counter)
     return {"key": np.array(keys, dtype=object), "image": _ragged(images, np.float32, 3),
             "label": _ragged(labels, np.uint8, 2), "height": np.array([lab.shape[0] for lab in labels], np.int32),
             "width": np.array([lab.shape[1] for lab in labels], np.int32)}
