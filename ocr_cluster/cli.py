@@ -1,8 +1,8 @@
 """`ocr-cluster`: train | eval | sweep | results | data | models.
 
-Errors are one line on stderr and a non-zero exit: 2 for bad input (config, arguments, URLs),
-3 for a verb whose capability is not in this version yet, 1 for anything else. `--debug` shows
-the traceback instead.
+Errors are one line on stderr and a non-zero exit (the classes are in ocr_cluster/errors.py): 2 for
+bad input (a UserInputError: config, arguments, URLs, ...), 3 for a verb whose capability is not in
+this version yet (NotAvailable), 1 for anything else. `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,35 +12,9 @@ import importlib
 import sys
 
 from ocr_cluster import __version__, config
-from ocr_cluster.storage import StorageError
+from ocr_cluster.errors import NotAvailable, ReportedFailure, UserInputError
 
 EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NOT_AVAILABLE = 1, 2, 3
-
-
-class UserError(Exception):
-    """Bad input found outside config parsing; the message is one line for the user."""
-
-
-class NotAvailable(Exception):
-    """The verb's capability has not landed in this version."""
-
-
-# Errors raised for bad input by the capability packages (ValueError subclasses, one-line messages).
-# Looked up only in modules already imported: a module that raised one has been imported.
-BAD_INPUT_ERRORS = (
-    ("ocr_cluster.results.errors", "ResultsError"),
-    ("ocr_cluster.data.errors", "DataError"),
-    ("ocr_cluster.models.convert", "CheckpointError"),
-    ("ocr_cluster.train.driver", "TrainSetupError"),
-)
-
-
-def _is_bad_input(exc: BaseException) -> bool:
-    types = [config.ConfigError, StorageError, UserError]
-    for module, name in BAD_INPUT_ERRORS:
-        if module in sys.modules and hasattr(sys.modules[module], name):
-            types.append(getattr(sys.modules[module], name))
-    return isinstance(exc, tuple(types))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,12 +152,9 @@ def main(argv: list[str] | None = None, prog: str = "ocr-cluster") -> int:
     except Exception as exc:  # noqa: BLE001 - the one place that turns failures into one line
         if debug:
             raise
-        if _is_bad_input(exc):
+        if isinstance(exc, (UserInputError, ReportedFailure)):  # one line already, the cause named
             print(f"{args.prog}: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        if type(exc).__name__ == "TrainFailed":  # already one line, the cause named
-            print(f"{args.prog}: error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            return EXIT_BAD_INPUT if isinstance(exc, UserInputError) else EXIT_ERROR
         print(f"{args.prog}: error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_ERROR

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ocr_cluster.errors import UserInputError
 from ocr_cluster.models.names import BACKBONES, HEADS
 
 DATASETS = ("synthetic", "cityscapes", "ade20k", "voc-aug", "pascal-context", "pascal-context-59",
@@ -33,7 +34,7 @@ DATASETS = ("synthetic", "cityscapes", "ade20k", "voc-aug", "pascal-context", "p
 RUN_ID_VERSION = 1
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """Bad configuration input; the message is one line meant for the user."""
 
 

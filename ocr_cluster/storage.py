@@ -21,10 +21,12 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs as pafs
 
+from ocr_cluster.errors import UserInputError
+
 REMOTE_SCHEMES = ("s3", "gs")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserInputError):
     """A URL that cannot be used; the message is one line meant for the user."""
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from ocr_cluster import config
+from ocr_cluster.errors import ReportedFailure, UserInputError
 
 VERBS = ("train", "eval", "sweep", "results", "data", "models")
 
@@ -145,3 +148,43 @@ def test_models_convert_mmseg_checkpoint(cli, tmp_path):
                 "--head", "fcn", "--num-classes", "7")
     assert wrong.returncode == 2 and not (tmp_path / "x.pt").exists()
     assert "mis" in one_line(wrong.stderr).lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# one error base
+
+
+@pytest.mark.parametrize("module, name", [
+    ("ocr_cluster.config", "ConfigError"), ("ocr_cluster.storage", "StorageError"),
+    ("ocr_cluster.data.errors", "DataError"), ("ocr_cluster.results.errors", "ResultsError"),
+    ("ocr_cluster.results.rows", "RowError"), ("ocr_cluster.results.tables", "TableError"),
+    ("ocr_cluster.results.reconcile", "ManifestError"), ("ocr_cluster.models.convert", "CheckpointError"),
+    ("ocr_cluster.train.driver", "TrainSetupError")])
+def test_every_bad_input_error_is_a_user_input_error(module, name):
+    error = getattr(importlib.import_module(module), name)
+    assert issubclass(error, UserInputError) and issubclass(error, ValueError)
+
+
+def test_a_run_that_failed_for_good_is_a_reported_failure():
+    from ocr_cluster.train.driver import TrainFailed
+
+    assert issubclass(TrainFailed, ReportedFailure) and not issubclass(TrainFailed, UserInputError)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["data", "inspect", "/nonexistent"], "ocr-cluster data inspect: error: no manifest at /nonexistent"),
+    (["results", "table", "--where", "nosuch=1", "--store", "{tmp}"],
+     "ocr-cluster results table: error: bad --where 'nosuch=1'"),
+    (["results", "table", "--store", "ftp://x/y"],
+     "ocr-cluster results table: error: unsupported URL scheme 'ftp://'"),
+    (["models", "info", "--backbone", "hrnetv2_w18", "--head", "ocr", "--size", "0x0"],
+     "ocr-cluster models info: error: bad size '0x0'"),
+    (["models", "convert", "{tmp}/garbage.pt", "{tmp}/out.pt"],
+     "ocr-cluster models convert: error: cannot read checkpoint"),
+    (["train", "--set", "model.nosuch=1"], "ocr-cluster train: error: unknown key 'model.nosuch'")])
+def test_bad_input_from_each_package_exits_2_with_one_line(cli, tmp_path, args, expected):
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    result = cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert one_line(result.stderr).startswith(expected)
+    assert not (tmp_path / "out.pt").exists()

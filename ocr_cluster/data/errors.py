@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ocr_cluster.errors import UserInputError
 
-class DataError(ValueError):
+
+class DataError(UserInputError):
     """Bad data or bad data arguments; the message is one line meant for the user.
 
     Errors about one sample name its shard and key, errors about one shard name the shard.

@@ -21,19 +21,12 @@ import argparse
 import json
 import sys
 
+from ocr_cluster.errors import UserInputError
+
 __all__ = ["HELP", "add_arguments", "cmd_convert", "cmd_info", "cmd_list", "count_macs", "parse_size"]
 
 DEFAULT_NUM_CLASSES = 19
 DEFAULT_SIZE = "512x1024"
-
-
-def _bad_input(message: str) -> Exception:
-    """The CLI's UserError (exit 2, one line) when available, else ValueError."""
-    try:
-        from ocr_cluster.cli import UserError
-    except ImportError:  # pragma: no cover - cli is always importable in this package
-        return ValueError(message)
-    return UserError(message)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -46,7 +39,7 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or min(values) < 1:
-        raise _bad_input(f"bad size {text!r}: expected HxW with positive integers, e.g. 512x1024")
+        raise UserInputError(f"bad size {text!r}: expected HxW with positive integers, e.g. 512x1024")
     return values[0], values[1]
 
 
@@ -59,7 +52,7 @@ def _num_classes(args: argparse.Namespace) -> int:
     except (TypeError, ValueError):
         value = 0
     if value < 1:
-        raise _bad_input(f"bad num_classes {getattr(args, 'num_classes', None)!r}: expected a positive integer")
+        raise UserInputError(f"bad num_classes {getattr(args, 'num_classes', None)!r}: expected a positive integer")
     return value
 
 
@@ -67,9 +60,9 @@ def _check_names(backbone: str | None, head: str | None) -> None:
     from ocr_cluster.models.names import BACKBONES, HEADS
 
     if backbone is not None and backbone not in BACKBONES:
-        raise _bad_input(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
+        raise UserInputError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
     if head is not None and head not in HEADS:
-        raise _bad_input(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+        raise UserInputError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
 
 
 def _meta_model(backbone: str, head: str, num_classes: int):
@@ -182,7 +175,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     backbone, head = getattr(args, "backbone", None), getattr(args, "head", None)
     if backbone is None or head is None:
-        raise _bad_input("models info needs a backbone and a head")
+        raise UserInputError("models info needs a backbone and a head")
     _check_names(backbone, head)
     num_classes = _num_classes(args)
     size = parse_size(getattr(args, "size", None) or DEFAULT_SIZE)
@@ -233,7 +226,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     spec = None
     if args.backbone or args.head:
         if not (args.backbone and args.head and args.num_classes):
-            raise _bad_input("to check the weights against a model give --backbone, --head and --num-classes")
+            raise UserInputError("to check the weights against a model give --backbone, --head and --num-classes")
         _check_names(args.backbone, args.head)
         spec = {"backbone": args.backbone, "head": args.head, "num_classes": _num_classes(args)}
     meta = convert_checkpoint(args.src, args.dst, model_spec=spec)

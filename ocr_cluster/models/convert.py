@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ocr_cluster import storage
+from ocr_cluster.errors import UserInputError
 
 FORMAT = "ocr_cluster/v1"
 
@@ -56,7 +57,7 @@ CLASSIFIER_PREFIXES = ("fc.", "classifier.", "incre_modules.", "downsamp_modules
 _SHOWN = 10  # names listed per kind in an error message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
     """A checkpoint that cannot be read or used; the message is one line meant for the user."""
 
 

@@ -1,5 +1,7 @@
-"""One base class for bad input to the results store, so the CLI can map all of it to exit code 2."""
+"""The base of the results store's bad-input errors (a UserInputError: exit 2 in the CLI)."""
+
+from ocr_cluster.errors import UserInputError
 
 
-class ResultsError(ValueError):
+class ResultsError(UserInputError):
     """Bad input (a row, a table option, a manifest); the message is one line for the user."""

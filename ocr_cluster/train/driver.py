@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 from ocr_cluster import storage
 from ocr_cluster.config import Config
+from ocr_cluster.errors import ReportedFailure, UserInputError
 from ocr_cluster.train.loop import micro_batch
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserInputError):
     """Bad input found before training starts; one line for the user."""
 
 
-class TrainFailed(RuntimeError):
+class TrainFailed(ReportedFailure):
     """The run failed for good (after Ray Train's retries); a failed row was written."""
 
 
