@@ -8,13 +8,29 @@ this version yet (NotAvailable), 1 for anything else. `--debug` shows the traceb
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ocr_cluster import __version__, config
+from ocr_cluster import __version__
 from ocr_cluster.errors import NotAvailable, ReportedFailure, UserInputError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ocr_cluster.config import Config
+
 EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NOT_AVAILABLE = 1, 2, 3
+
+# Verbs with actions: verb -> (help, commands module). A commands module has HELP (action -> help) and
+# add_arguments(action, parser), which adds the action's arguments and its handler (set_defaults(func=...)).
+# It is imported only when the command line names its verb (it may import pyarrow, torch, ...).
+ACTION_VERBS = {
+    "sweep": ("launch and follow an ablation grid on SLURM or Ray Tune", "ocr_cluster.sweep.commands"),
+    "results": ("query the results store", "ocr_cluster.results.commands"),
+    "data": ("make, convert and inspect sharded datasets", "ocr_cluster.data.commands"),
+    "models": ("the model zoo", "ocr_cluster.models.commands"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,11 +38,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _not_available(capability: str):
-    def run(args: argparse.Namespace) -> int:
-        raise NotAvailable(f"not available in ocr_cluster {__version__}: "
-                           f"the {capability} capability has not landed yet")
-    return run
+class _Verbs(argparse._SubParsersAction):
+    """The verbs' subparsers; a verb's actions are added when the command line names that verb."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.unwired: dict[str, Callable[[], None]] = {}  # verb -> adds its actions
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        wire = self.unwired.pop(values[0], None) if values else None
+        if wire is not None:
+            wire()
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _add_actions(verb: argparse.ArgumentParser, module: str, common: argparse.ArgumentParser) -> None:
+    commands = importlib.import_module(module)
+    actions = verb.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_Parser)
+    for action, help_text in commands.HELP.items():
+        commands.add_arguments(action, actions.add_parser(action, parents=[common], help=help_text,
+                                                          description=help_text))
 
 
 def _lazy(module: str, name: str):
@@ -40,7 +71,9 @@ def _lazy(module: str, name: str):
 # train
 
 
-def _load_config(args: argparse.Namespace) -> config.Config:
+def _load_config(args: argparse.Namespace) -> Config:
+    from ocr_cluster import config  # yaml, dataclasses: not needed for --help
+
     return config.load(args.config, args.overrides)
 
 
@@ -77,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ocr-cluster", parents=[common],
                      description="Train and sweep OCRNet semantic segmentation on Ray and SLURM clusters.")
     parser.add_argument("--version", action="version", version=f"ocr_cluster {__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=_Parser,
+                                  action=_Verbs)
 
     def verb(name: str, help_text: str) -> argparse.ArgumentParser:
         return verbs.add_parser(name, parents=[common], help=help_text, description=help_text)
@@ -96,40 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode")
     evaluate.set_defaults(func=_lazy("ocr_cluster.train.evaluate", "cmd_eval"))
 
-    def group(name: str, help_text: str, actions: dict[str, tuple[str, list[tuple[str, dict]]]],
-              capability: str) -> None:
-        sub = verb(name, help_text).add_subparsers(dest="action", metavar="ACTION", required=True,
-                                                   parser_class=_Parser)
-        for action, (action_help, arguments) in actions.items():
-            p = sub.add_parser(action, parents=[common], help=action_help, description=action_help)
-            for flag, kwargs in arguments:
-                p.add_argument(flag, **kwargs)
-            p.set_defaults(func=_not_available(capability))
-
-    def wire(name: str, help_text: str, module: str, actions: dict[str, str] | None = None) -> None:
-        """A verb whose capability has landed: `module` has add_arguments(action, parser), the actions'
-        help as HELP (or `actions` here) and a handler cmd_<action> (unless add_arguments sets one)."""
-        commands = importlib.import_module(module)
-        sub = verb(name, help_text).add_subparsers(dest="action", metavar="ACTION", required=True,
-                                                   parser_class=_Parser)
-        for action, action_help in (actions or commands.HELP).items():
-            p = sub.add_parser(action, parents=[common], help=action_help, description=action_help)
-            commands.add_arguments(action, p)
-            if p.get_default("func") is None:
-                p.set_defaults(func=getattr(commands, f"cmd_{action}"))
-
-    group("sweep", "launch and follow an ablation grid on SLURM or Ray Tune", {
-        "plan": ("list the cells of a grid and their run ids", [("grid", {"help": "sweeps/<grid>.yaml"})]),
-        "launch": ("submit every missing cell of a grid", [("grid", {"help": "sweeps/<grid>.yaml"})]),
-        "status": ("show the state of each cell", [("grid", {"help": "sweeps/<grid>.yaml"})]),
-    }, "sweep")
-    wire("results", "query the results store", "ocr_cluster.results.commands")
-    wire("data", "make, convert and inspect sharded datasets", "ocr_cluster.data.commands", {
-        "convert": "convert an official dataset layout to Parquet shards",
-        "synth": "write a learnable synthetic dataset",
-        "inspect": "counts per split, class pixel histogram, image sizes, shard sizes",
-    })
-    wire("models", "the model zoo", "ocr_cluster.models.commands")
+    for name, (help_text, module) in ACTION_VERBS.items():
+        verbs.unwired[name] = functools.partial(_add_actions, verb(name, help_text), module, common)
     return parser
 
 

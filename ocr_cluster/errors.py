@@ -6,10 +6,12 @@ Every package's bad-input error derives from `UserInputError`, so the CLI needs 
     ReportedFailure (RuntimeError)   exit 1: failed for good; the message already names the cause
     NotAvailable                     exit 3: the capability has not landed in this version
 
-This module imports nothing, so any module (and the CLI's parser) can import it for free.
+It imports nothing heavy and nothing of this project, so any module (and the CLI's parser) can import it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 
 class UserInputError(ValueError):
@@ -23,3 +25,7 @@ class ReportedFailure(RuntimeError):
 class NotAvailable(Exception):
     """The capability has not landed in this version."""
 
+
+def unknown_choice(what: str, value: object, choices: Iterable[str]) -> UserInputError:
+    """The one wording for a value outside a fixed set, e.g. an action a commands module does not have."""
+    return UserInputError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")

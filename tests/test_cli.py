@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import subprocess
+import sys
 
 import pytest
 
+from ocr_cluster import cli as cli_module
 from ocr_cluster import config
 from ocr_cluster.errors import ReportedFailure, UserInputError
 
 VERBS = ("train", "eval", "sweep", "results", "data", "models")
+ACTION_VERBS = tuple(cli_module.ACTION_VERBS)
 
 
 def one_line(text: str) -> str:
@@ -151,7 +156,7 @@ def test_models_convert_mmseg_checkpoint(cli, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# one error base
+# one error base, one way to wire a verb
 
 
 @pytest.mark.parametrize("module, name", [
@@ -188,3 +193,48 @@ def test_bad_input_from_each_package_exits_2_with_one_line(cli, tmp_path, args, 
     assert result.returncode == 2, result.stderr
     assert one_line(result.stderr).startswith(expected)
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("verb", ACTION_VERBS)
+def test_unknown_action_is_the_same_line_for_every_verb(cli, verb):
+    actions = importlib.import_module(cli_module.ACTION_VERBS[verb][1]).HELP
+    result = cli(verb, "frob")
+    assert result.returncode == 2
+    choices = ", ".join(repr(a) for a in actions)
+    assert one_line(result.stderr) == (f"ocr-cluster {verb}: error: argument ACTION: invalid choice: 'frob' "
+                                       f"(choose from {choices}) (see ocr-cluster {verb} --help)")
+
+
+@pytest.mark.parametrize("verb", ACTION_VERBS)
+def test_every_commands_module_wires_its_actions_the_same_way(verb):
+    commands = importlib.import_module(cli_module.ACTION_VERBS[verb][1])
+    assert commands.HELP and all(isinstance(text, str) and text for text in commands.HELP.values())
+    for action in commands.HELP:
+        parser = argparse.ArgumentParser()
+        commands.add_arguments(action, parser)
+        assert callable(parser.get_default("func")), (verb, action)
+    with pytest.raises(UserInputError) as caught:
+        commands.add_arguments("frob", argparse.ArgumentParser())
+    assert str(caught.value) == f"unknown {verb} action 'frob'; choose one of: {', '.join(commands.HELP)}"
+
+
+def test_building_the_parser_imports_no_heavy_package():
+    code = ("import sys; from ocr_cluster import cli; cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pyarrow', 'ray', 'fsspec', 'yaml'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_verb_imports_only_its_own_commands_module():
+    code = ("import sys; from ocr_cluster import cli; cli.build_parser().parse_args(['sweep', 'plan', 'g.yaml']); "
+            "print(sorted(m for m in sys.modules if m.endswith('.commands') or m.split('.')[0] in "
+            "('torch', 'pyarrow', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['ocr_cluster.sweep.commands']"
+
+
+def test_commands_modules_do_not_import_the_cli():
+    code = ("import sys, ocr_cluster.models.commands, ocr_cluster.sweep.commands; "
+            "print('ocr_cluster.cli' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

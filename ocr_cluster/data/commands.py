@@ -1,6 +1,7 @@
 """Handlers of `ocr-cluster data convert | synth | inspect` (wired by ocr_cluster/cli.py).
 
-    add_arguments(action, parser)   adds the arguments of one action to its argparse parser
+    HELP                            action -> one-line help
+    add_arguments(action, parser)   adds the arguments and the handler of one action to its argparse parser
     cmd_convert(args) -> int
     cmd_synth(args) -> int
     cmd_inspect(args) -> int
@@ -17,6 +18,13 @@ import sys
 from ocr_cluster.data import cards
 from ocr_cluster.data.errors import DataError
 from ocr_cluster.data.shards import DEFAULT_SHARD_MB, Manifest
+from ocr_cluster.errors import unknown_choice
+
+HELP = {
+    "convert": "convert an official dataset layout to Parquet shards",
+    "synth": "write a learnable synthetic dataset",
+    "inspect": "counts per split, class pixel histogram, image sizes, shard sizes",
+}
 
 CONVERT_HELP = {
     "variant": "pascal-context: 60 (default, background is a class) or 59 (background ignored); "
@@ -25,7 +33,7 @@ CONVERT_HELP = {
 
 
 def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
-    """The arguments of `ocr-cluster data ACTION`."""
+    """The arguments and handler of `ocr-cluster data ACTION`."""
     if action == "convert":
         parser.add_argument("dataset", choices=cards.CONVERTER_NAMES, help="source dataset (see datasets/<name>.yaml)")
         parser.add_argument("src", help="the dataset's directory in its official layout")
@@ -42,6 +50,7 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs, at most 8)")
         parser.add_argument("--limit", type=int, default=None, metavar="N",
                             help="convert only the first N samples of each split (a trial run)")
+        parser.set_defaults(func=cmd_convert)
     elif action == "synth":
         parser.add_argument("dst", help="where to write the shards (s3://, gs://, file:// or a path)")
         parser.add_argument("--classes", type=int, default=6, help="number of classes, background included (6)")
@@ -52,13 +61,15 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--format", dest="image_format", choices=("png", "jpeg"), default="png",
                             help="image encoding (png)")
         _add_writer_args(parser)
+        parser.set_defaults(func=cmd_synth)
     elif action == "inspect":
         parser.add_argument("uri", help="a dataset written by convert or synth")
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
         parser.add_argument("--verify", action="store_true",
                             help="also read every shard back and check its size and checksum")
+        parser.set_defaults(func=cmd_inspect)
     else:
-        raise ValueError(f"unknown data action {action!r}")
+        raise unknown_choice("data action", action, HELP)
 
 
 def _add_writer_args(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from ocr_cluster.errors import UserInputError
+from ocr_cluster.errors import UserInputError, unknown_choice
 
 __all__ = ["HELP", "add_arguments", "cmd_convert", "cmd_info", "cmd_list", "count_macs", "parse_size"]
 
@@ -264,4 +264,4 @@ def add_arguments(action: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--num-classes", type=int)
         p.set_defaults(func=cmd_convert)
     else:
-        raise KeyError(action)
+        raise unknown_choice("models action", action, HELP)

@@ -1,7 +1,7 @@
 """`ocr-cluster results ...`: table, show, plot, reconcile, compact.
 
 Each cmd_* takes the parsed argparse Namespace and returns an exit code; `add_arguments(action,
-parser)` adds that action's arguments. Bad input raises ResultsError (a ValueError) or StorageError,
+parser)` adds that action's arguments and handler, HELP holds each action's help. Bad input raises ResultsError (a ValueError) or StorageError,
 with a one-line message. Unreadable files in the store are reported as one warning line each on stderr.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ocr_cluster.errors import unknown_choice
 from ocr_cluster.results import names, tables
 from ocr_cluster.results.errors import ResultsError
 from ocr_cluster.results.reconcile import reconcile
@@ -205,7 +206,7 @@ def _selection(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(action: str, p: argparse.ArgumentParser) -> None:
-    """Add the arguments of `ocr-cluster results <action>` to `p`."""
+    """Add the arguments of `ocr-cluster results <action>` and its handler to `p`."""
     if action == "table":
         _store(p)
         _selection(p)
@@ -238,5 +239,5 @@ def add_arguments(action: str, p: argparse.ArgumentParser) -> None:
     elif action == "compact":
         _store(p)
     else:
-        raise KeyError(action)
+        raise unknown_choice("results action", action, HELP)
     p.set_defaults(func=HANDLERS[action])
