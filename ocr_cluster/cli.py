@@ -48,13 +48,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _not_available(capability: str):
-    def run(args: argparse.Namespace) -> int:
-        raise NotAvailable(f"not available in ocr_cluster {__version__}: "
-                           f"the {capability} capability has not landed yet")
-    return run
-
-
 def _lazy(module: str, name: str):
     """A handler imported when it runs, so `--help` and config errors stay fast."""
     def run(args: argparse.Namespace) -> int:
@@ -122,16 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=("whole", "slide"), default=None, help="inference mode")
     evaluate.set_defaults(func=_lazy("ocr_cluster.train.evaluate", "cmd_eval"))
 
-    def group(name: str, help_text: str, actions: dict[str, tuple[str, list[tuple[str, dict]]]],
-              capability: str) -> None:
-        sub = verb(name, help_text).add_subparsers(dest="action", metavar="ACTION", required=True,
-                                                   parser_class=_Parser)
-        for action, (action_help, arguments) in actions.items():
-            p = sub.add_parser(action, parents=[common], help=action_help, description=action_help)
-            for flag, kwargs in arguments:
-                p.add_argument(flag, **kwargs)
-            p.set_defaults(func=_not_available(capability))
-
     def wire(name: str, help_text: str, module: str, actions: dict[str, str] | None = None) -> None:
         """A verb whose capability has landed: `module` has add_arguments(action, parser), the actions'
         help as HELP (or `actions` here) and a handler cmd_<action> (unless add_arguments sets one)."""
@@ -144,11 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
             if p.get_default("func") is None:
                 p.set_defaults(func=getattr(commands, f"cmd_{action}"))
 
-    group("sweep", "launch and follow an ablation grid on SLURM or Ray Tune", {
-        "plan": ("list the cells of a grid and their run ids", [("grid", {"help": "sweeps/<grid>.yaml"})]),
-        "launch": ("submit every missing cell of a grid", [("grid", {"help": "sweeps/<grid>.yaml"})]),
-        "status": ("show the state of each cell", [("grid", {"help": "sweeps/<grid>.yaml"})]),
-    }, "sweep")
+    wire("sweep", "launch and follow an ablation grid on SLURM or Ray Tune", "ocr_cluster.sweep.commands")
     wire("results", "query the results store", "ocr_cluster.results.commands")
     wire("data", "make, convert and inspect sharded datasets", "ocr_cluster.data.commands", {
         "convert": "convert an official dataset layout to Parquet shards",
