@@ -10,44 +10,49 @@ from pathlib import Path
 
 import yaml
 
+from ocr_cluster.sweep.names import job_name
+
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-BACKBONES = {"hr18s": "hrnetv2_w18_small", "hr18": "hrnetv2_w18", "hr48": "hrnetv2_w48", "r101-d8": "resnet101_d8"}
-SCHEDULES = {"20k": 20000, "40k": 40000, "80k": 80000, "160k": 160000}
+HRNETS = ("hrnetv2_w18_small", "hrnetv2_w18", "hrnetv2_w48")
 
-# (dataset dir, base, dataset in the name, crop, gpus x batch, [schedules])
+# (dataset dir = base, dataset, crop, gpus x batch, [iterations])
 HRNET_ROWS = [
-    ("cityscapes", "cityscapes", "cityscapes", "512x1024", (4, 2), ["40k", "80k", "160k"]),
-    ("ade20k", "ade20k", "ade20k", "512x512", (4, 4), ["80k", "160k"]),
-    ("voc12aug", "voc12aug", "voc12aug", "512x512", (4, 4), ["20k", "40k"]),
+    ("cityscapes", "cityscapes", "512x1024", (4, 2), [40000, 80000, 160000]),
+    ("ade20k", "ade20k", "512x512", (4, 4), [80000, 160000]),
+    ("voc12aug", "voc-aug", "512x512", (4, 4), [20000, 40000]),
 ]
+CROPS = {folder: crop for folder, _, crop, _, _ in HRNET_ROWS}
+DATASETS = {folder: dataset for folder, dataset, _, _, _ in HRNET_ROWS}
 
 
-def job(base: str, backbone: str, iters: int, gpus: int, per_gpu: int, head: str = "ocr", **extra) -> dict:
+def job(base: str, backbone: str, iters: int, gpus: int, per_gpu: int, head: str = "ocr", **extra) -> tuple:
+    """(jobs/ path without .yaml, body): the name from ocr_cluster.sweep.names, as sweep cells are named."""
+    name = job_name(head=head, backbone=backbone, gpus=gpus, per_gpu=per_gpu, iters=iters,
+                    dataset=DATASETS[base], crop=CROPS[base])
     out = {"base": f"../_base_/{base}.yaml",
-           "model": {"backbone": BACKBONES[backbone], "head": head},
+           "model": {"backbone": backbone, "head": head},
            "data": {"batch_size": gpus * per_gpu},
            "schedule": {"iters": iters},
            "cluster": {"num_workers": gpus}}
     for section, values in extra.items():
         out.setdefault(section, {}).update(values)
-    return out
+    return f"{base}/{name}", out
 
 
 def main() -> None:
-    jobs = {}
-    for folder, base, name_ds, crop, (gpus, per_gpu), schedules in HRNET_ROWS:
-        for backbone in ("hr18s", "hr18", "hr48"):
-            for sched in schedules:
-                name = f"ocrnet_{backbone}_{gpus}xb{per_gpu}-{sched}_{name_ds}-{crop}"
-                jobs[f"{folder}/{name}"] = job(base, backbone, SCHEDULES[sched], gpus, per_gpu)
+    rows = []
+    for base, _, _, (gpus, per_gpu), schedules in HRNET_ROWS:
+        for backbone in HRNETS:
+            for iters in schedules:
+                rows.append(job(base, backbone, iters, gpus, per_gpu))
     # ResNet-101-D8 on Cityscapes: batch 8 (lr 0.01) and batch 16 (lr 0.02, min_lr 2e-4), mmseg's b16 configs.
-    jobs["cityscapes/ocrnet_r101-d8_4xb2-40k_cityscapes-512x1024"] = job("cityscapes", "r101-d8", 40000, 4, 2)
-    for sched in ("40k", "80k"):
-        jobs[f"cityscapes/ocrnet_r101-d8_8xb2-{sched}_cityscapes-512x1024"] = job(
-            "cityscapes", "r101-d8", SCHEDULES[sched], 8, 2, optimizer={"lr": 0.02}, schedule={"min_lr": 2e-4})
+    rows.append(job("cityscapes", "resnet101_d8", 40000, 4, 2))
+    for iters in (40000, 80000):
+        rows.append(job("cityscapes", "resnet101_d8", iters, 8, 2, optimizer={"lr": 0.02},
+                        schedule={"min_lr": 2e-4}))
     # openseg-group/mmsegmentation "OCRNet (w/ dropout)": dropout 0.1 in both heads, align_corners True.
-    jobs["cityscapes/ocrnet-dropout_hr48_4xb2-80k_cityscapes-512x1024"] = job(
-        "cityscapes", "hr48", 80000, 4, 2, head="ocr_dropout", model={"align_corners": True})
+    rows.append(job("cityscapes", "hrnetv2_w48", 80000, 4, 2, head="ocr_dropout", model={"align_corners": True}))
+    jobs = dict(rows)
     for rel, body in sorted(jobs.items()):
         path = JOBS / f"{rel}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,24 +1,31 @@
-"""Handlers of `ocr-cluster sweep plan | launch | status` (wired by ocr_cluster/cli.py).
+"""Handlers of `ocr-cluster sweep plan | launch | status | cancel` (wired by ocr_cluster/cli.py).
 
-The sweep capability has not landed: every action parses its arguments, then raises NotAvailable (exit 3).
+`plan` expands and validates a grid offline and prints its cells; the others have not landed yet and
+exit 3. A bad grid is one line and exit 2 (SweepError is a ConfigError).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-from ocr_cluster import __version__
-from ocr_cluster.errors import NotAvailable, unknown_choice
+from ocr_cluster.errors import unknown_choice
 
 HELP = {
-    "plan": "list the cells of a grid and their run ids",
+    "plan": "list the cells of a grid: name, run id, what the results store holds, estimated GPU-hours",
     "launch": "submit every missing cell of a grid",
     "status": "show the state of each cell",
+    "cancel": "cancel a sweep's queued and running cells",
 }
 
 
 def not_landed(args: argparse.Namespace) -> int:
-    raise NotAvailable(f"not available in ocr_cluster {__version__}: the sweep capability has not landed yet")
+    from ocr_cluster import __version__
+    from ocr_cluster.errors import NotAvailable
+
+    raise NotAvailable(f"not available in ocr_cluster {__version__}: sweep {args.action} has not landed yet "
+                       f"(sweep plan has)")
 
 
 def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
@@ -26,4 +33,76 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
     if action not in HELP:
         raise unknown_choice("sweep action", action, HELP)
     parser.add_argument("grid", help="sweeps/<grid>.yaml")
-    parser.set_defaults(func=not_landed)
+    if action != "plan":
+        parser.set_defaults(func=not_landed)
+        return
+    parser.add_argument("--store", metavar="URI", default=None,
+                        help="results store to look cells up in (default: each cell's results.store_uri)")
+    parser.add_argument("--no-store", action="store_true",
+                        help="read no results store (fully offline; states and store-based estimates show '?')")
+    parser.add_argument("--device", metavar="NAME", default=None,
+                        help="estimate GPU cells from runs on this device (part of its name, e.g. H100)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per cell, one per line")
+    parser.set_defaults(func=cmd_plan)
+
+
+def _hours(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _state(row) -> str:
+    from ocr_cluster.sweep.plan import COMPLETED, UNREAD
+
+    if row.state == COMPLETED:
+        return f"completed {row.miou:.2f}" if row.miou is not None else "completed"
+    if row.state == UNREAD:
+        return "?"
+    return row.state or "-"
+
+
+def _footer(total: dict) -> str:
+    text = (f"{total['cells']} cells: {total['completed']} completed, {total['failed']} failed, "
+            f"{total['not_in_store']} not in the store")
+    if total["unread"]:
+        text += f", {total['unread']} unknown (store not read)"
+    if total["without_estimate"] == total["cells"]:
+        return text + "; no estimate: no measured run matches any cell ('?')"
+    text += (f"; estimated {_hours(total['est_gpu_hours'])} GPU-h ({_hours(total['est_hours'])} h of training) "
+             f"for all, {_hours(total['est_gpu_hours_todo'])} GPU-h for the {total['todo']} not completed")
+    if total["without_estimate"]:
+        text += f"; {total['without_estimate']} cells have no estimate ('?'), so these totals are lower bounds"
+    return text
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ocr_cluster.sweep.grid import load
+    from ocr_cluster.sweep.plan import plan, summary
+
+    grid = load(args.grid)
+    cells = grid.cells()  # every cell validated before any store is read
+    rows, notes = plan(cells, store=args.store, read=not args.no_store, device=args.device)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.to_json()))
+        return 0
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"sweep {grid.name}: {len(rows)} cells ({grid.label})")
+    for name, justify in (("#", "right"), ("cell", "left"), ("run id", "left"), ("store", "left"),
+                          ("hours", "right"), ("GPU-h", "right"), ("estimate from", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for i, row in enumerate(rows, 1):
+        est = row.estimate
+        table.add_row(str(i), row.cell.name, row.cell.run_id, _state(row), _hours(est.hours),
+                      _hours(est.gpu_hours), escape(est.source or est.note or "-"))
+    console = Console(width=None if sys.stdout.isatty() else 240, soft_wrap=False)
+    console.print(table)
+    console.print(escape(_footer(summary(rows))), highlight=False)
+    return 0

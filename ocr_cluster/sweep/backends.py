@@ -1,0 +1,73 @@
+"""The `backend:` section of a grid file: where its cells run. One dataclass per backend, validated
+like the job config (ocr_cluster.config): unknown keys and wrong types fail with one line naming the key.
+
+    backend:
+      slurm: {partition: gpu, gpus_per_node: 8, time: "2-00:00:00", array_parallelism: 16}
+      ray: {address: "ray://head:10001"}
+
+The SLURM launcher (submitit job arrays) and the Ray Tune backend read these; a backend a grid does
+not name keeps its defaults. Add fields here, with defaults that keep old grid files valid.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ocr_cluster import config
+from ocr_cluster.config import ConfigError, opt
+
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS
+SLURM_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
+SLURM_MEM = re.compile(r"^\d+[KMGT]?$")  # sbatch --mem: 0 = all of the node's memory
+
+
+@dataclass
+class SlurmBackend:
+    partition: str = opt("", "sbatch --partition; empty = the cluster's default")
+    account: str = opt("", "sbatch --account")
+    qos: str = opt("", "sbatch --qos")
+    nodes: int = opt(0, "nodes per cell; 0 = enough for the cell's cluster.num_workers at gpus_per_node")
+    gpus_per_node: int = opt(8, "GPUs per node (one Ray Train worker each)")
+    cpus_per_task: int = opt(0, "sbatch --cpus-per-task (one task per node runs Ray); 0 = SLURM's default")
+    mem: str = opt("", "sbatch --mem per node, e.g. 256G; empty = SLURM's default")
+    time: str = opt("24:00:00", "sbatch --time per job (a requeued job starts a new one), e.g. 2-00:00:00")
+    array_parallelism: int = opt(0, "cells running at once (sbatch --array=...%N); 0 = no cap")
+    sbatch: list[str] = opt([], "more sbatch options, e.g. ['--constraint=a100', '--exclusive']")
+
+
+@dataclass
+class RayBackend:
+    address: str = opt("", "Ray cluster for the Ray Tune backend; empty = RAY_ADDRESS")
+    max_concurrent_trials: int = opt(0, "cells training at once; 0 = as many as the cluster fits")
+
+
+@dataclass
+class Backend:
+    slurm: SlurmBackend = field(default_factory=SlurmBackend)
+    ray: RayBackend = field(default_factory=RayBackend)
+
+
+def _check(backend: Backend) -> None:
+    slurm = backend.slurm
+    for key in ("nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
+        if getattr(slurm, key) < 0:
+            raise ConfigError(f"backend.slurm.{key}: must be >= 0, got {getattr(slurm, key)}")
+    if not SLURM_TIME.match(slurm.time):
+        raise ConfigError(f"backend.slurm.time: expected an sbatch time such as 240, 24:00:00 or 2-00:00:00, "
+                          f"got {slurm.time!r}")
+    if slurm.mem and not SLURM_MEM.match(slurm.mem):
+        raise ConfigError(f"backend.slurm.mem: expected an sbatch size such as 64G or 0, got {slurm.mem!r}")
+    bad = [opt for opt in slurm.sbatch if not opt.startswith("--")]
+    if bad:
+        raise ConfigError(f"backend.slurm.sbatch: expected long options such as '--constraint=a100', got {bad[0]!r}")
+    if backend.ray.max_concurrent_trials < 0:
+        raise ConfigError(f"backend.ray.max_concurrent_trials: must be >= 0, got {backend.ray.max_concurrent_trials}")
+
+
+def from_dict(data: Any) -> Backend:
+    """A Backend from the grid's `backend:` mapping (None = all defaults); ConfigError on bad input."""
+    backend = config._build(Backend, {} if data is None else data, "backend")
+    _check(backend)
+    return backend
