@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from ocr_cluster import __version__, config
-from ocr_cluster.storage import StorageError
+from ocr_cluster.storage import StorageError, redact
 
 EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NOT_AVAILABLE = 1, 2, 3
 
@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if args.print_config:
         print(f"# run_id: {cfg.run_id}")
-        print(cfg.to_yaml(), end="")
+        print(redact(cfg.to_yaml()), end="")  # no URL userinfo (KEY:SECRET@) on screen
         return 0
     if args.print_run_id:
         print(cfg.run_id)

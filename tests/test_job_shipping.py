@@ -80,6 +80,20 @@ def test_runtime_env_without_credentials_in_the_shell_says_nothing(cli):
     assert not set(SECRET_VARS) & set(json.loads(result.stdout)["env_vars"])
 
 
+def test_redact_masks_url_userinfo():
+    text = "a: s3://AKIAX:abc/def+g@host/bucket\nb: 'http://user:pass@minio:9000/b'\nc: s3://bucket/path@v2/x\n"
+    masked = "a: s3://***@host/bucket\nb: 'http://***@minio:9000/b'\nc: s3://bucket/path@v2/x\n"
+    assert storage.redact(text) == masked
+
+
+def test_print_config_masks_url_userinfo(cli):
+    result = cli("train", "--set", "storage.checkpoint_uri=s3://KEYID:s3cr3t/value@host/bucket",
+                 "--set", "results.store_uri=http://user:hunter2@minio:9000/results", "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert "s3cr3t" not in result.stdout and "hunter2" not in result.stdout and "KEYID" not in result.stdout
+    assert "s3://***@host/bucket" in result.stdout and "http://***@minio:9000/results" in result.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # On a bare node
 
