@@ -80,8 +80,10 @@ def _load_config(args: argparse.Namespace) -> Config:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if args.print_config:
+        from ocr_cluster.storage import redact
+
         print(f"# run_id: {cfg.run_id}")
-        print(cfg.to_yaml(), end="")
+        print(redact(cfg.to_yaml()), end="")  # no URL userinfo (KEY:SECRET@) on screen
         return 0
     if args.print_run_id:
         print(cfg.run_id)

@@ -14,6 +14,7 @@ the same s3fs instance (Ray's `storage_filesystem` and pyarrow datasets use it).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +25,8 @@ import pyarrow.fs as pafs
 from ocr_cluster.errors import UserInputError
 
 REMOTE_SCHEMES = ("s3", "gs")
+# The userinfo of a URL: `user@`, or `user:password@` where an unencoded password may hold '/' (AWS secrets do).
+_USERINFO = re.compile(r"\b([a-zA-Z][\w+.-]*://)[^\s/@:'\"]*(?::[^\s@'\"]*)?@")
 
 
 class StorageError(UserInputError):
@@ -40,6 +43,11 @@ def scheme(url: str) -> str:
     if parsed.scheme in ("gs", "gcs"):
         return "gs"
     raise StorageError(f"unsupported URL scheme '{parsed.scheme}://' in {url!r}; use s3://, gs://, file:// or a path")
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URL in it masked: s3://KEY:SECRET@host/bucket -> s3://***@host/bucket."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def is_remote(url: str) -> bool:

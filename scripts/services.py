@@ -142,22 +142,28 @@ def _short_tempdir(prefix: str) -> Path:
 # Ray
 
 
-def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
+def start_ray(num_cpus: int = 4, object_store_mb: int = 400, python: str | Path | None = None,
+              node_env: dict[str, str] | None = None) -> Service:
+    """A Ray head on 127.0.0.1. By default it runs this venv's `ray`. With `python`, the head and every
+    worker run that interpreter instead, from a temp dir, without PYTHONPATH and with its bin directory
+    first on PATH, as on a fresh cluster node (tests/test_job_shipping.py gives it a venv without this
+    package). `node_env` adds variables to the head's environment, as a node's own credentials."""
     # Logical CPUs above the machine's 2: a 2-worker TorchTrainer must leave CPUs for Ray Data's
     # read/map tasks, or the pipeline waits forever on its resource budget.
-    ray_bin = VENV_BIN / "ray"
-    if not ray_bin.exists():
-        raise ServiceUnavailable(f"no ray executable at {ray_bin}; run `make venv`")
+    bin_dir = Path(python).parent if python else VENV_BIN
+    ray_cmd = [str(python), "-m", "ray.scripts.scripts"] if python else [str(VENV_BIN / "ray")]
+    if not Path(ray_cmd[0]).exists():
+        raise ServiceUnavailable(f"no {ray_cmd[0]}; run `make venv`")
     workdir = _short_tempdir("ocr_ray_")
     gcs_port, dashboard_port, agent_port, client_port, metrics_port = free_ports(5)
     # Ray >= 2.5x turns token auth on by itself once ~/.ray/auth_token exists (any local ray.init()
     # writes one). Run the test head with auth on, as users' clusters are, and a token of its own.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**os.environ, **RAY_ENV, **auth, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+    env = {**os.environ, **(node_env or {}), **RAY_ENV, **auth, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", *(("PYTHONPATH",) if python else ())):
         env.pop(key, None)
-    cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+    cmd = [*ray_cmd, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
            f"--ray-client-server-port={client_port}", f"--metrics-export-port={metrics_port}",
@@ -165,7 +171,8 @@ def start_ray(num_cpus: int = 4, object_store_mb: int = 400) -> Service:
            f"--temp-dir={workdir}", "--disable-usage-stats"]
     log = workdir / "ray_start.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=workdir if python else None)
     service = Service("ray", {}, [proc.pid], workdir)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     probe = urllib.request.Request(f"{dashboard}/api/version",

@@ -6,6 +6,8 @@
 - `s3`: moto's S3 server on 127.0.0.1 with a bucket; the AWS variables point at it for the test, and
   `s3.url("name")` gives a fresh s3:// prefix.
 - `slurm`: a single-node SLURM cluster (slurmctld + slurmd + munge) with SLURM_CONF set for the test.
+- `bare_ray_node` (per module): a second Ray head whose Python has every dependency but not this package,
+  as a fresh cluster node, with S3 credentials of its own (planted, distinctive) in its environment.
 
 With CI=true a service that cannot start fails the tests that need it; elsewhere they skip with the reason.
 """
@@ -13,8 +15,11 @@ With CI=true a service that cannot start fails the tests that need it; elsewhere
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +81,51 @@ def ray_cluster():
         else:
             os.environ[key] = value
     service.stop()
+
+
+@dataclass
+class BareRayNode(RayCluster):
+    python: str
+    temp_dir: Path
+    node_env: dict[str, str]  # the node's own S3 settings and credentials (the secret is planted)
+    secret: str
+
+
+def _python_without_this_package(root: Path) -> str:
+    """A venv whose Python imports this venv's packages (a .pth line naming its site-packages) but not
+    ocr_cluster: a path line in a .pth file runs no .pth file inside it, so the editable install's finder
+    stays unloaded."""
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(root)], check=True,
+                   capture_output=True, timeout=120)
+    python = str(root / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], env=env,
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "project_venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    probe = "import ray, torch, s3fs\ntry:\n import ocr_cluster\nexcept ModuleNotFoundError:\n print('bare')"
+    out = subprocess.run([python, "-c", probe], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    if out.stdout.strip() != "bare":
+        pytest.fail(f"the bare-node Python is not bare (or lacks a dependency): {out.stdout}{out.stderr}")
+    return python
+
+
+@pytest.fixture(scope="module")
+def bare_ray_node(_s3_service):
+    """A Ray head as a fresh cluster node: no ocr_cluster installed, S3 credentials in its own environment."""
+    root = Path(tempfile.mkdtemp(prefix="ocr_bare_", dir="/tmp"))
+    secret = f"planted-secret-{uuid.uuid4().hex}"
+    node_env = {**_s3_service.env, "AWS_ACCESS_KEY_ID": f"planted-key-{uuid.uuid4().hex[:12]}",
+                "AWS_SECRET_ACCESS_KEY": secret}  # moto accepts any key
+    try:
+        python = _python_without_this_package(root / "venv")
+        service = _start("the bare-node Ray head", lambda: services.start_ray(python=python, node_env=node_env))
+        try:
+            yield BareRayNode(service.info["address"], service.info["dashboard_url"], service.env, python,
+                              Path(service.info["temp_dir"]), node_env, secret)
+        finally:
+            service.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -56,11 +56,13 @@ def tiny_job(tmp_path: Path, s3, synth_uri: str, **sections) -> tuple[Path, str]
 
 
 def submit(ray_cluster, s3, job: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`ray job submit` as a user runs it: the runtime env carries the submitting shell's S3 variables."""
+    """`ray job submit` as a user runs it. The shared test head has no S3 credentials of its own, so the
+    runtime env carries the submitting shell's, by the explicit opt-in (test_job_shipping.py covers the
+    default: nodes with their own credentials)."""
     env = {**os.environ, **ray_cluster.env, **s3.env}
-    runtime_env = subprocess.run([sys.executable, "-m", "ocr_cluster.runtime_env"], env=env, check=True,
-                                 capture_output=True, text=True).stdout
-    assert json.loads(runtime_env)["env_vars"]["AWS_ENDPOINT_URL"] == s3.endpoint_url
+    runtime_env = subprocess.run([sys.executable, "-m", "ocr_cluster.runtime_env", "--with-secrets"], env=env,
+                                 check=True, capture_output=True, text=True).stdout
+    assert json.loads(runtime_env)["env_vars"]["AWS_SECRET_ACCESS_KEY"] == s3.env["AWS_SECRET_ACCESS_KEY"]
     return subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
                            "--runtime-env-json", runtime_env, "--", "python", "-m", "ocr_cluster.train",
                            str(job), *extra],
