@@ -13,6 +13,13 @@ so 10,000 files would take seconds; the index is a snapshot of rows already read
 Because files are immutable, an index row is valid for as long as its file is still listed; rows of
 files the index lacks are read directly, and a read that had to parse many writes a new index.
 
+A store exists (`require_store`, checked by the `results` commands) when its directory exists on a
+local filesystem, or, on an object store, when its bucket exists and at least one object lies under its
+prefix (object stores have no empty folders: a store never written to is not there). Any object
+counts, so no marker is needed: writing a run, an index or a sweep manifest creates the store, and
+compaction keeps an index, so it only vanishes when every object under it is deleted. Library reads
+(`read_runs`, ...) of a missing store return no rows: a first run reads a store that is not there yet.
+
 Unreadable files (a truncated copy, a foreign file) are skipped with an UnreadableFileWarning that
 names them; they never break a table.
 
@@ -83,6 +90,44 @@ def write_run(store_uri: str, row: dict[str, Any]) -> str:
     uri = storage.join(store_uri, _partition("dataset", full["dataset"]), _partition("sweep", full["sweep"]),
                        _partition("run_id", full["run_id"]), f"attempt-{full['attempt_id']}.parquet")
     return storage.write_bytes_atomic(uri, _to_parquet(pa.Table.from_pylist([full], schema=SCHEMA)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Existence
+
+
+def _reason(exc: BaseException) -> str:
+    """'Type: first line of the message', for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def require_store(store_uri: str) -> None:
+    """Raise ResultsError if the store does not exist (see the module doc), StorageError if it cannot be
+    reached (endpoint down, credentials refused); both one line naming `store_uri`."""
+    if not storage.is_remote(store_uri):
+        path = storage.local_path(store_uri)
+        if not os.path.exists(path):
+            raise ResultsError(f"results store {store_uri} does not exist (no such directory)")
+        if not os.path.isdir(path):
+            raise ResultsError(f"results store {store_uri} is not a directory")
+        return
+    fs, root = storage.filesystem(store_uri)
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.invalidate_cache(root)
+        # s3fs/gcsfs: a missing bucket, or a prefix with no object under it, is a FileNotFoundError;
+        # an empty bucket lists as [] (the bucket root exists).
+        fs.ls(root, detail=False)
+        return
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials, network: all one line
+        raise storage.StorageError(f"cannot reach results store {store_uri}: {_reason(exc)}") from None
+    if root != bucket and fs.exists(bucket):
+        raise ResultsError(f"results store {store_uri} does not exist (no object under that prefix)")
+    raise ResultsError(f"results store {store_uri} does not exist (no bucket '{bucket}')")
 
 
 # ---------------------------------------------------------------------------------------------
