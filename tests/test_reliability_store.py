@@ -1,14 +1,23 @@
 """A store that is not there, an endpoint that does not answer, credentials that are refused: one line,
-exit 2, from the `results` and `data` commands.
+exit 2, from the `results` and `data` commands; and a killed writer's temp file removed by the next write.
 
 Everything runs against the real local services (moto's S3 server, the real CLI in a subprocess).
 """
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
-from ocr_cluster.results import write_manifest
+from ocr_cluster import config
+from ocr_cluster.results import row_from_config, write_manifest, write_run
+
+
+def _row() -> dict:
+    cfg = config.load(None, ["data.dataset=cityscapes", "schedule.iters=40000"])
+    return row_from_config(cfg, status="completed", miou=70.0)
 
 
 def one_error_line(result) -> str:
@@ -92,3 +101,22 @@ def test_wrong_credentials_are_one_line(cli, s3):
     assert f"cannot reach results store {store}: PermissionError" in one_error_line(results)
     assert f"cannot read the dataset at {store}: PermissionError" in one_error_line(inspect)
     assert "wrong-secret" not in results.stderr + inspect.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a killed writer's temp file
+
+
+def test_stale_temp_files_are_removed_on_the_next_write(tmp_path):
+    first = write_run(str(tmp_path), _row())
+    folder = os.path.dirname(first)
+    old, fresh = (os.path.join(folder, f".attempt-000-x.parquet.{tag}.tmp") for tag in ("old", "fresh"))
+    for path in (old, fresh):
+        with open(path, "wb") as handle:
+            handle.write(b"half a parquet file")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    write_run(str(tmp_path), _row())
+    assert not os.path.exists(old)  # a killed writer's, long dead
+    assert os.path.exists(fresh)  # may be a live writer's
+    assert len([n for n in os.listdir(folder) if n.endswith(".parquet")]) == 2
