@@ -4,6 +4,7 @@ Each runs on 127.0.0.1 only, on free ports, with state in a short temporary dire
 by the PIDs this module started (never `ray stop`, which would kill every Ray on the machine).
 
     python scripts/services.py up ray|s3|slurm   # start one, print its environment, wait for Ctrl-C
+                                                 # (or SIGTERM / SIGHUP), then stop it
 
 tests/conftest.py imports this module and starts each service once per test session, on demand.
 """
@@ -343,21 +344,34 @@ def start_slurm() -> Service:
 STARTERS = {"ray": start_ray, "s3": start_s3, "slurm": start_slurm}
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "up" or argv[1] not in STARTERS:
         print(f"usage: python scripts/services.py up {{{','.join(STARTERS)}}}", file=sys.stderr)
         return 2
+    # `kill` (SIGTERM, how scripts stop a background job) and a closed terminal (SIGHUP) clean up as
+    # Ctrl-C does; without this they would leave the service and its temp dir behind.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
-        service = STARTERS[argv[1]]()
+        service = STARTERS[argv[1]]()  # a starter interrupted half-way stops what it started
     except ServiceUnavailable as exc:
         print(f"services.py: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"env": service.env, "info": service.info, "pids": service.pids}, indent=2), flush=True)
+    except KeyboardInterrupt:
+        return 130
     try:
+        print(json.dumps({"env": service.env, "info": service.info, "pids": service.pids,
+                          "workdir": str(service.workdir) if service.workdir else None}, indent=2), flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         service.stop()
     return 0
 

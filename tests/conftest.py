@@ -35,6 +35,21 @@ os.environ.update(services.RAY_ENV)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+# The session's temp dir. What the tests and everything they start put in TMPDIR lands in one folder,
+# removed when the session ends: multiprocessing's pymp-* dirs (the Ray head's dashboard makes one and
+# is killed before it can remove it), TensorBoard staging, local Ray sessions, torch's compile cache.
+# pytest's own tmp_path dirs stay in the system temp dir, where its retention policy (pyproject.toml:
+# only failed tests' dirs are kept) manages them. Set at import, before any service or test starts.
+SYSTEM_TMP = tempfile.gettempdir()
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", SYSTEM_TMP)
+SESSION_TMP = tempfile.mkdtemp(prefix="ocrt-", dir=SYSTEM_TMP)  # short: Ray's socket paths must stay < 108 bytes
+os.environ["TMPDIR"] = tempfile.tempdir = SESSION_TMP
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)  # after the session fixtures stopped the services
+
+
 def _start(name: str, starter):
     try:
         return starter()

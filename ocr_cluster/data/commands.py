@@ -15,9 +15,10 @@ import argparse
 import json
 import sys
 
+from ocr_cluster import storage
 from ocr_cluster.data import cards
 from ocr_cluster.data.errors import DataError
-from ocr_cluster.data.shards import DEFAULT_SHARD_MB, Manifest
+from ocr_cluster.data.shards import DEFAULT_SHARD_MB, Manifest, manifest_uri
 from ocr_cluster.errors import unknown_choice
 
 HELP = {
@@ -92,6 +93,20 @@ def _parse_hw(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _reachable(dst: str) -> None:
+    """An object store that does not answer, refuses the credentials or lacks the bucket: one line, before any work."""
+    if not storage.is_remote(dst):
+        return
+    try:
+        storage.exists(manifest_uri(dst))  # the writer's first request; raises where the store cannot be used
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials: all one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(f"cannot reach {dst}: {type(exc).__name__}: {first}") from None
+    bucket = storage.filesystem(dst)[1].split("/", 1)[0]
+    if not storage.exists(f"{storage.scheme(dst)}://{bucket}"):
+        raise DataError(f"bucket '{bucket}' of {dst} does not exist")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from ocr_cluster.data.converters import convert
 
@@ -100,6 +115,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise DataError("--sbd applies to voc-aug only")
     if getattr(args, "context", None) and args.dataset != "pascal-context":
         raise DataError("--context applies to pascal-context only")
+    _reachable(args.dst)
     manifest = convert(args.dataset, args.src, args.dst, variant=getattr(args, "variant", None), splits=splits,
                        shard_mb=getattr(args, "shard_mb", DEFAULT_SHARD_MB), workers=getattr(args, "workers", None),
                        overwrite=getattr(args, "overwrite", False), limit=getattr(args, "limit", None),
@@ -112,6 +128,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from ocr_cluster.data.synth import SynthSpec, write_synthetic
 
+    _reachable(args.dst)
     spec = SynthSpec(classes=getattr(args, "classes", 6), num_train=getattr(args, "num_train", 256),
                      num_val=getattr(args, "num_val", 64), size_hw=_parse_hw(getattr(args, "size", "256x256")),
                      seed=getattr(args, "seed", 0), image_format=getattr(args, "image_format", "png"))

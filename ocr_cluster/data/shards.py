@@ -148,8 +148,9 @@ def read_manifest(uri: str) -> Manifest:
     except storage.StorageError:
         raise DataError(f"no manifest at {uri}; was the conversion interrupted? "
                         f"(expected {target})") from None
-    except OSError as exc:  # permissions, endpoint down: say where
-        raise DataError(f"cannot read {target}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - credentials, endpoint down (botocore's errors are no OSError)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(f"cannot read the dataset at {uri}: {type(exc).__name__}: {first}") from None
     try:
         return Manifest.from_json(text, uri=str(uri).rstrip("/"))
     except (json.JSONDecodeError, TypeError, KeyError) as exc:

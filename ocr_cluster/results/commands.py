@@ -1,8 +1,10 @@
 """`ocr-cluster results ...`: table, show, plot, reconcile, compact.
 
 Each cmd_* takes the parsed argparse Namespace and returns an exit code; `add_arguments(action,
-parser)` adds that action's arguments and handler, HELP holds each action's help. Bad input raises ResultsError (a ValueError) or StorageError,
-with a one-line message. Unreadable files in the store are reported as one warning line each on stderr.
+parser)` adds that action's arguments and handler, HELP holds each action's help. Bad input raises
+ResultsError (a ValueError) or StorageError, with a one-line message, as does a store that does not
+exist or cannot be reached (exit 2; an existing store with no matching runs is a warning). Unreadable
+files in the store are reported as one warning line each on stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ocr_cluster.errors import unknown_choice
 from ocr_cluster.results import names, tables
 from ocr_cluster.results.errors import ResultsError
 from ocr_cluster.results.reconcile import reconcile
-from ocr_cluster.results.store import READ_SCHEMA, compact, latest, read_attempts, read_runs
+from ocr_cluster.results.store import READ_SCHEMA, compact, latest, read_attempts, read_runs, require_store
 
 SUMMARY_SKIP = ("config_yaml", "iou_per_class", "error")  # shown in their own sections by `show`
 
@@ -86,6 +88,7 @@ def _runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
+    require_store(args.store)
     if args.format not in tables.FORMATS:
         raise ResultsError(f"unknown format {args.format!r}; choose one of {', '.join(tables.FORMATS)}")
     runs = _runs(args)
@@ -123,6 +126,7 @@ def _show_text(row: dict[str, Any], attempts: list[dict[str, Any]]) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    require_store(args.store)
     attempts = _quietly(read_attempts, args.store)
     ids = sorted({r for r in attempts["run_id"].to_pylist() if r.startswith(args.run_id)})
     if not ids:
@@ -149,12 +153,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     y = _fields(args.y, "--y")[0]
     by = _fields(args.by, "--by")[0] if args.by else None
     args.include_failed = False
+    require_store(args.store)
     path = plot(_runs(args), x, y, by, args.out)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    require_store(args.store)
     report = _quietly(reconcile, args.store, args.sweep, args.manifest)
     if args.format == "json":
         print(json.dumps({**report.__dict__, "complete": report.complete}, indent=2, default=str))
@@ -175,6 +181,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    require_store(args.store)  # and never create one at a typo'd URI
     uri = _quietly(compact, args.store)
     print(f"wrote {uri}" if uri else "could not write the index (see the warning above)")
     return 0 if uri else 1

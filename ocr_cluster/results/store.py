@@ -13,6 +13,17 @@ so 10,000 files would take seconds; the index is a snapshot of rows already read
 Because files are immutable, an index row is valid for as long as its file is still listed; rows of
 files the index lacks are read directly, and a read that had to parse many writes a new index.
 
+A store exists (`require_store`, checked by the `results` commands) when its directory exists on a
+local filesystem, or, on an object store, when its bucket exists and at least one object lies under its
+prefix (object stores have no empty folders: a store never written to is not there). Any object
+counts, so no marker is needed: writing a run, an index or a sweep manifest creates the store, and
+compaction keeps an index, so it only vanishes when every object under it is deleted. Library reads
+(`read_runs`, ...) of a missing store return no rows: a first run reads a store that is not there yet.
+
+A writer killed mid-write (SIGKILL) leaves a hidden temp file next to its target on local disks; the
+next write to the same folder removes those older than STALE_TEMP_S. (Object stores have nothing to
+clean: a PUT that never completes leaves no object.)
+
 Unreadable files (a truncated copy, a foreign file) are skipped with an UnreadableFileWarning that
 names them; they never break a table.
 
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +57,7 @@ INDEX_DIR = "_index"
 AUTO_INDEX_MIN = 200     # a read that parses at least this many unindexed files writes a new index
 INDEXES_KEPT = 2         # older index files are deleted; one spare for readers still on it
 READ_CHUNK = 500         # files fetched at once (s3fs fetches a chunk concurrently)
+STALE_TEMP_S = 3600      # a local temp file this old is a killed writer's (a live write takes seconds)
 
 # The rows a read returns: the schema plus the file each came from (relative to the store root).
 READ_SCHEMA = SCHEMA.append(pa.field("file", pa.string()))
@@ -73,6 +86,27 @@ def _to_parquet(table: pa.Table) -> bytes:
 # Writing
 
 
+def _remove_stale_temps(written: str) -> None:
+    """Remove killed writers' temp files (storage.write_bytes_atomic's `.<name>.<random>.tmp`) older than
+    STALE_TEMP_S from the folder of `written`, a local file just written. Best effort."""
+    if storage.is_remote(written):
+        return
+    cutoff = time.time() - STALE_TEMP_S
+    folder = os.path.dirname(storage.local_path(written))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):
+            path = os.path.join(folder, name)
+            try:
+                if os.path.isfile(path) and os.path.getmtime(path) < cutoff:
+                    os.unlink(path)
+            except OSError:  # another writer removed it first, or no permission: not ours to fix
+                pass
+
+
 def write_run(store_uri: str, row: dict[str, Any]) -> str:
     """Write one attempt of one run as a new Parquet object; returns its URI.
 
@@ -82,7 +116,47 @@ def write_run(store_uri: str, row: dict[str, Any]) -> str:
     full["attempt_id"] = f"{full['attempt']:03d}-{_stamp(full['written_at'])}-{uuid.uuid4().hex[:12]}"
     uri = storage.join(store_uri, _partition("dataset", full["dataset"]), _partition("sweep", full["sweep"]),
                        _partition("run_id", full["run_id"]), f"attempt-{full['attempt_id']}.parquet")
-    return storage.write_bytes_atomic(uri, _to_parquet(pa.Table.from_pylist([full], schema=SCHEMA)))
+    written = storage.write_bytes_atomic(uri, _to_parquet(pa.Table.from_pylist([full], schema=SCHEMA)))
+    _remove_stale_temps(written)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Existence
+
+
+def _reason(exc: BaseException) -> str:
+    """'Type: first line of the message', for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if type(exc).__name__ in text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def require_store(store_uri: str) -> None:
+    """Raise ResultsError if the store does not exist (see the module doc), StorageError if it cannot be
+    reached (endpoint down, credentials refused); both one line naming `store_uri`."""
+    if not storage.is_remote(store_uri):
+        path = storage.local_path(store_uri)
+        if not os.path.exists(path):
+            raise ResultsError(f"results store {store_uri} does not exist (no such directory)")
+        if not os.path.isdir(path):
+            raise ResultsError(f"results store {store_uri} is not a directory")
+        return
+    fs, root = storage.filesystem(store_uri)
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.invalidate_cache(root)
+        # s3fs/gcsfs: a missing bucket, or a prefix with no object under it, is a FileNotFoundError;
+        # an empty bucket lists as [] (the bucket root exists).
+        fs.ls(root, detail=False)
+        return
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials, network: all one line
+        raise storage.StorageError(f"cannot reach results store {store_uri}: {_reason(exc)}") from None
+    if root != bucket and fs.exists(bucket):
+        raise ResultsError(f"results store {store_uri} does not exist (no object under that prefix)")
+    raise ResultsError(f"results store {store_uri} does not exist (no bucket '{bucket}')")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +298,7 @@ def _write_index(fs, root: str, store_uri: str, table: pa.Table) -> str | None:
     now = dt.datetime.now(dt.timezone.utc)
     uri = storage.join(store_uri, INDEX_DIR, f"index-{_stamp(now)}-{uuid.uuid4().hex[:12]}.parquet")
     try:
-        storage.write_bytes_atomic(uri, _to_parquet(table))
+        _remove_stale_temps(storage.write_bytes_atomic(uri, _to_parquet(table)))
         for old in _index_files(fs, root)[:-INDEXES_KEPT]:
             fs.rm_file(old)
     except Exception as exc:  # noqa: BLE001
