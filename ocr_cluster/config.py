@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ocr_cluster.data.constants import MEAN_RGB, STD_RGB
 from ocr_cluster.models.names import BACKBONES, HEADS
 
 DATASETS = ("synthetic", "cityscapes", "ade20k", "voc-aug", "pascal-context", "pascal-context-59",
@@ -86,8 +87,8 @@ class DataSection:
     cat_max_ratio: float = opt(0.75, "largest share one class may have of a random crop")
     flip_prob: float = opt(0.5)
     photometric: bool = opt(True, "mmseg PhotoMetricDistortion")
-    mean: list[float] = opt([123.675, 116.28, 103.53], "RGB mean on 0-255 pixels")
-    std: list[float] = opt([58.395, 57.12, 57.375], "RGB std on 0-255 pixels")
+    mean: list[float] = opt(list(MEAN_RGB), "RGB mean on 0-255 pixels")
+    std: list[float] = opt(list(STD_RGB), "RGB std on 0-255 pixels")
     batch_size: int = opt(8, "global batch (all workers, after gradient accumulation)")
     skip_bad_samples: bool = opt(False, "skip undecodable or out-of-range samples instead of failing",
                                  hashed=False)

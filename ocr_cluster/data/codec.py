@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from ocr_cluster.data.constants import IGNORE_INDEX
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"),
           (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"RIFF", "webp"))

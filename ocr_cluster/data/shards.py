@@ -38,12 +38,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ocr_cluster import __version__, storage
+from ocr_cluster.data.constants import IGNORE_INDEX
 from ocr_cluster.data.errors import DataError
 
 FORMAT = "ocr_cluster.shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-IGNORE_INDEX = 255
 DEFAULT_SHARD_MB = 256
 # Row groups are kept small so that other readers (pyarrow datasets, DuckDB) can stream a shard.
 ROW_GROUP_BYTES = 32 * 1024 * 1024

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ocr_cluster.data.constants import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from ocr_cluster.data.errors import DataError
 
-IGNORE_INDEX = 255
 _IMREAD_COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
@@ -58,8 +58,8 @@ class TrainParams:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
-    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375)  # RGB
+    mean: tuple[float, float, float] = MEAN_RGB
+    std: tuple[float, float, float] = STD_RGB
     flip_swap: tuple[tuple[int, int], ...] = ()
     ignore_index: int = IGNORE_INDEX
     exact_resize: bool = False  # True: always resize the whole image (bit-exact with mmseg), see augment()
@@ -69,8 +69,8 @@ class TrainParams:
 class EvalParams:
     num_classes: int
     scale_wh: tuple[int, int] | None = None  # None = original resolution
-    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    mean: tuple[float, float, float] = MEAN_RGB
+    std: tuple[float, float, float] = STD_RGB
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
