@@ -49,12 +49,27 @@ def opt(default: Any, doc: str = "", *, hashed: bool = True) -> Any:
     return field(default=default, metadata={"doc": doc, "hashed": hashed})
 
 
-SIZE_RE = re.compile(r"^\d+x\d+$")
-
-
 def size(default: str, doc: str = "", *, hashed: bool = True) -> Any:
     """A 'HxW' (or 'WxH', as documented) size written as text, e.g. '512x1024'."""
     return field(default=default, metadata={"doc": doc, "hashed": hashed, "size": True})
+
+
+_SIZE_RE = re.compile(r"([0-9]+)(?:x([0-9]+))?")
+
+
+def parse_size(text: str, *, square: bool = False, what: str = "size") -> tuple[int, int]:
+    """'512x1024' -> (512, 1024); with `square` also '769' -> (769, 769). Positive integers only.
+
+    The one size parser: config size fields, `data synth --size`, `models info --size`. Anything
+    else is a ConfigError (bad input, exit 2) naming `what`.
+    """
+    match = _SIZE_RE.fullmatch(str(text))
+    if match and (match[2] or square):
+        height, width = int(match[1]), int(match[2] or match[1])
+        if height > 0 and width > 0:
+            return height, width
+    shape = "HxW (or S for a square)" if square else "HxW"
+    raise ConfigError(f"bad {what} {text!r}: expected {shape} with positive integers, e.g. 512x1024")
 
 
 @dataclass
@@ -245,9 +260,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, full)
             continue
-        if fields[key].metadata.get("size") and not (isinstance(value, str) and SIZE_RE.match(value)
-                                                       and 0 not in parse_size(value)):
-            raise ConfigError(f"{full}: expected a size like '512x1024', got {value!r}")
+        if fields[key].metadata.get("size"):
+            try:
+                parse_size(value)
+            except ConfigError:
+                raise ConfigError(f"{full}: expected a size like '512x1024', got {value!r}") from None
         value = _coerce(value, tp, full)
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
@@ -275,12 +292,6 @@ def _check(cfg: Config) -> None:
     for key, seq in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
         if len(seq) != 3:
             raise ConfigError(f"{key}: expected 3 values (R, G, B), got {seq!r}")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x1024' -> (512, 1024)."""
-    a, b = text.split("x")
-    return int(a), int(b)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ocr_cluster import storage
+from ocr_cluster.config import ConfigError
 from ocr_cluster.data import DataError, codec, commands
 from ocr_cluster.data.inspect import report
 from ocr_cluster.data.shards import DatasetWriter, read_manifest, read_shard
@@ -159,7 +160,7 @@ def test_cli_handlers_synth_and_inspect(tmp_path, capsys):
     assert commands.cmd_inspect(argparse.Namespace(uri=uri, json=False, verify=False)) == 0
     text = capsys.readouterr().out
     assert "train: 6 samples in 1 shards" in text and "class pixels: background" in text
-    with pytest.raises(DataError, match="--size must be HxW"):
+    with pytest.raises(ConfigError, match="bad --size 'big': expected HxW"):
         commands.cmd_synth(argparse.Namespace(dst=str(tmp_path / "x"), size="big"))
     with pytest.raises(DataError, match="--classes must be 2..32"):
         commands.cmd_synth(argparse.Namespace(dst=str(tmp_path / "x"), classes=1))

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from ocr_cluster.config import parse_size
 from ocr_cluster.data import cards
 from ocr_cluster.data.errors import DataError
 from ocr_cluster.data.shards import DEFAULT_SHARD_MB, Manifest
@@ -73,14 +74,6 @@ def _summary(manifest: Manifest) -> str:
     return f"wrote {manifest.dataset} ({manifest.num_classes} classes) to {manifest.uri}: " + ", ".join(parts)
 
 
-def _parse_hw(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise DataError(f"--size must be HxW, e.g. 256x256, got {text!r}") from None
-    return h, w
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from ocr_cluster.data.converters import convert
 
@@ -102,7 +95,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from ocr_cluster.data.synth import SynthSpec, write_synthetic
 
     spec = SynthSpec(classes=getattr(args, "classes", 6), num_train=getattr(args, "num_train", 256),
-                     num_val=getattr(args, "num_val", 64), size_hw=_parse_hw(getattr(args, "size", "256x256")),
+                     num_val=getattr(args, "num_val", 64), size_hw=parse_size(getattr(args, "size", "256x256"), what="--size"),
                      seed=getattr(args, "seed", 0), image_format=getattr(args, "image_format", "png"))
     manifest = write_synthetic(args.dst, spec, shard_mb=getattr(args, "shard_mb", DEFAULT_SHARD_MB),
                                overwrite=getattr(args, "overwrite", False))
