@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import posixpath
 import zlib
@@ -82,6 +83,10 @@ class SplitInfo:
     @property
     def num_bytes(self) -> int:
         return sum(s.num_bytes for s in self.shards)
+
+    def offsets(self) -> list[int]:
+        """The split index of each shard's first sample, then the split's size: [0, n0, n0 + n1, ...]."""
+        return list(itertools.accumulate((s.num_samples for s in self.shards), initial=0))
 
 
 @dataclass
