@@ -55,11 +55,6 @@ def decode_label(data: bytes) -> np.ndarray:
     return label_array(img)
 
 
-def read_label_file(path: str) -> np.ndarray:
-    with open(path, "rb") as handle:
-        return decode_label(handle.read())
-
-
 def encode_label(label: np.ndarray, compress_level: int = 3) -> bytes:
     """uint8 HxW train ids -> 8-bit greyscale PNG bytes."""
     if label.dtype != np.uint8:
