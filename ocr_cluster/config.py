@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ocr_cluster.data.constants import MEAN_RGB, STD_RGB
 from ocr_cluster.errors import UserInputError
 from ocr_cluster.models.names import BACKBONES, HEADS
 
@@ -49,12 +50,27 @@ def opt(default: Any, doc: str = "", *, hashed: bool = True) -> Any:
     return field(default=default, metadata={"doc": doc, "hashed": hashed})
 
 
-SIZE_RE = re.compile(r"^\d+x\d+$")
-
-
 def size(default: str, doc: str = "", *, hashed: bool = True) -> Any:
     """A 'HxW' (or 'WxH', as documented) size written as text, e.g. '512x1024'."""
     return field(default=default, metadata={"doc": doc, "hashed": hashed, "size": True})
+
+
+_SIZE_RE = re.compile(r"([0-9]+)(?:x([0-9]+))?")
+
+
+def parse_size(text: str, *, square: bool = False, what: str = "size") -> tuple[int, int]:
+    """'512x1024' -> (512, 1024); with `square` also '769' -> (769, 769). Positive integers only.
+
+    The one size parser: config size fields, `data synth --size`, `models info --size`. Anything
+    else is a ConfigError (bad input, exit 2) naming `what`.
+    """
+    match = _SIZE_RE.fullmatch(str(text))
+    if match and (match[2] or square):
+        height, width = int(match[1]), int(match[2] or match[1])
+        if height > 0 and width > 0:
+            return height, width
+    shape = "HxW (or S for a square)" if square else "HxW"
+    raise ConfigError(f"bad {what} {text!r}: expected {shape} with positive integers, e.g. 512x1024")
 
 
 @dataclass
@@ -87,8 +103,8 @@ class DataSection:
     cat_max_ratio: float = opt(0.75, "largest share one class may have of a random crop")
     flip_prob: float = opt(0.5)
     photometric: bool = opt(True, "mmseg PhotoMetricDistortion")
-    mean: list[float] = opt([123.675, 116.28, 103.53], "RGB mean on 0-255 pixels")
-    std: list[float] = opt([58.395, 57.12, 57.375], "RGB std on 0-255 pixels")
+    mean: list[float] = opt(list(MEAN_RGB), "RGB mean on 0-255 pixels")
+    std: list[float] = opt(list(STD_RGB), "RGB std on 0-255 pixels")
     batch_size: int = opt(8, "global batch (all workers, after gradient accumulation)")
     skip_bad_samples: bool = opt(False, "skip undecodable or out-of-range samples instead of failing",
                                  hashed=False)
@@ -245,9 +261,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, full)
             continue
-        if fields[key].metadata.get("size") and not (isinstance(value, str) and SIZE_RE.match(value)
-                                                       and 0 not in parse_size(value)):
-            raise ConfigError(f"{full}: expected a size like '512x1024', got {value!r}")
+        if fields[key].metadata.get("size"):
+            try:
+                parse_size(value)
+            except ConfigError:
+                raise ConfigError(f"{full}: expected a size like '512x1024', got {value!r}") from None
         value = _coerce(value, tp, full)
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
@@ -275,12 +293,6 @@ def _check(cfg: Config) -> None:
     for key, seq in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
         if len(seq) != 3:
             raise ConfigError(f"{key}: expected 3 values (R, G, B), got {seq!r}")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x1024' -> (512, 1024)."""
-    a, b = text.split("x")
-    return int(a), int(b)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

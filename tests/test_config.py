@@ -183,6 +183,16 @@ def test_validation_errors(overrides, message):
     assert "\n" not in str(info.value)
 
 
+def test_parse_size_is_strict_unless_a_square_is_allowed():
+    assert config.parse_size("512x1024") == (512, 1024)
+    assert config.parse_size("769", square=True) == (769, 769)
+    for bad in ("769", "512x", "0x10", "10x0", "axb", "512X1024", " 5x5", "5x5x5", 512):
+        with pytest.raises(ConfigError, match="bad size"):
+            config.parse_size(bad)
+    with pytest.raises(ConfigError, match=r"bad --size '0': expected HxW \(or S for a square\)"):
+        config.parse_size("0", square=True, what="--size")
+
+
 def test_validation_errors_from_a_file_name_the_key(tmp_path):
     path = write(tmp_path / "typo.yaml", "optimizer:\n  learning_rate: 0.01\n")
     with pytest.raises(ConfigError, match=r"unknown key 'optimizer.learning_rate'.*valid keys here: type, lr"):

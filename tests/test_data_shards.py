@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ocr_cluster import storage
+from ocr_cluster.config import ConfigError
 from ocr_cluster.data import DataError, codec, commands
 from ocr_cluster.data.inspect import report
 from ocr_cluster.data.shards import DatasetWriter, read_manifest, read_shard
@@ -159,19 +160,40 @@ def test_cli_handlers_synth_and_inspect(tmp_path, capsys):
     assert commands.cmd_inspect(argparse.Namespace(uri=uri, json=False, verify=False)) == 0
     text = capsys.readouterr().out
     assert "train: 6 samples in 1 shards" in text and "class pixels: background" in text
-    with pytest.raises(DataError, match="--size must be HxW"):
+    with pytest.raises(ConfigError, match="bad --size 'big': expected HxW"):
         commands.cmd_synth(argparse.Namespace(dst=str(tmp_path / "x"), size="big"))
     with pytest.raises(DataError, match="--classes must be 2..32"):
         commands.cmd_synth(argparse.Namespace(dst=str(tmp_path / "x"), classes=1))
 
 
-def test_add_arguments_builds_each_action():
-    for action, argv in (("convert", ["cityscapes", "/src", "/dst", "--variant", "x", "--splits", "train"]),
-                         ("synth", ["/dst", "--classes", "8", "--size", "32x32"]),
-                         ("inspect", ["/uri", "--json", "--verify"])):
-        parser = argparse.ArgumentParser()
-        commands.add_arguments(action, parser)
-        parser.parse_args(argv)
+@pytest.mark.parametrize("action, argv, expected, missing", [
+    ("convert", ["cityscapes", "/src", "/dst", "--variant", "59", "--splits", "train", "--limit", "3"],
+     {"dataset": "cityscapes", "src": "/src", "dst": "/dst", "variant": "59", "splits": "train", "limit": 3,
+      "shard_mb": 256.0, "overwrite": False, "sbd": None}, ["cityscapes", "/src"]),
+    ("synth", ["/dst", "--classes", "8", "--size", "32x32", "--format", "jpeg", "--shard-mb", "0.5"],
+     {"dst": "/dst", "classes": 8, "size": "32x32", "image_format": "jpeg", "shard_mb": 0.5, "num_train": 256,
+      "seed": 0}, []),
+    ("inspect", ["/uri", "--json", "--verify"], {"uri": "/uri", "json": True, "verify": True}, []),
+])
+def test_add_arguments_builds_each_action(action, argv, expected, missing, capsys):
+    parser = argparse.ArgumentParser(prog=f"data {action}")
+    commands.add_arguments(action, parser)
+    args = vars(parser.parse_args(argv))
+    assert {key: args[key] for key in expected} == expected
+    assert callable(getattr(commands, f"cmd_{action}"))  # the handler cli.py wires to the action
+    with pytest.raises(SystemExit):
+        parser.parse_args(missing)
+    assert "the following arguments are required" in capsys.readouterr().err
+
+
+def test_add_arguments_refuses_unknown_datasets_and_actions(capsys):
+    parser = argparse.ArgumentParser(prog="data convert")
+    commands.add_arguments("convert", parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cityscape", "/src", "/dst"])
+    assert "invalid choice: 'cityscape'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown data action 'nope'"):
+        commands.add_arguments("nope", argparse.ArgumentParser())
 
 
 @pytest.mark.s3

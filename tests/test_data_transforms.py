@@ -185,9 +185,9 @@ def test_photometric_draws_follow_mmseg_probabilities():
 
 def test_normalize_and_pad():
     bgr = np.array([[[104, 116, 124]]], np.uint8).repeat(3, 0).repeat(2, 1)  # the mean colour, rounded, BGR
-    out = T.normalize(bgr, MEAN, STD)
+    out = T.normalize_image(bgr, MEAN, STD)
     assert out.shape == (3, 3, 2) and out.dtype == np.float32 and np.abs(out).max() < 0.01
-    out = T.normalize(np.array([[[0, 0, 255]]], np.uint8), MEAN, STD)  # pure red in BGR
+    out = T.normalize_image(np.array([[[0, 0, 255]]], np.uint8), MEAN, STD)  # pure red in BGR
     assert np.allclose(out[:, 0, 0], [(255 - MEAN[0]) / STD[0], -MEAN[1] / STD[1], -MEAN[2] / STD[2]])
     img, lab = T.pad(out, np.zeros((3, 2), np.uint8), (4, 4))
     assert img.shape == (3, 4, 4) and (img[:, 3:, :] == 0).all() and (lab[:, 2:] == 255).all()
@@ -214,7 +214,7 @@ def test_train_chain_is_bit_exact_with_mmseg():
         assert diff.mean() < 0.3 and diff.max() <= 8, k
     assert ref[f"mmseg_img{4}"].shape == (26, 40, 3)  # one crop smaller than crop_size (padded later)
     # normalising and padding as SegDataPreProcessor: BGR -> RGB, (x - mean) / std, pad 0 / 255
-    img, lab = T.pad(T.normalize(ref["mmseg_img4"], MEAN, STD), ref["mmseg_lab4"], (32, 40))
+    img, lab = T.pad(T.normalize_image(ref["mmseg_img4"], MEAN, STD), ref["mmseg_lab4"], (32, 40))
     rgb = ref["mmseg_img4"][:, :, ::-1].astype(np.float32)
     assert np.allclose(img[:, :26].transpose(1, 2, 0), (rgb - MEAN) / STD, atol=1e-5)
     assert (img[:, 26:] == 0).all() and (lab[26:] == 255).all()

@@ -290,7 +290,8 @@ def test_channels_last_and_bf16_autocast(backbone, head):
 def test_cmd_list_and_info(capsys):
     import argparse
 
-    from ocr_cluster.models.commands import cmd_info, cmd_list, parse_size
+    from ocr_cluster.config import ConfigError
+    from ocr_cluster.models.commands import cmd_info, cmd_list
 
     assert cmd_list(argparse.Namespace(backbone="hrnetv2_w48", json=True)) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -313,9 +314,10 @@ def test_cmd_list_and_info(capsys):
     text = capsys.readouterr().out
     assert "GMACs @ 256x256" in text and "6,378,496" in text
 
-    assert parse_size("512x1024") == (512, 1024) and parse_size("769") == (769, 769)
+    assert cmd_info(argparse.Namespace(backbone="hrnetv2_w18_small", head="fcn", size="64", json=True)) == 0
+    assert json.loads(capsys.readouterr().out)["size"] == "64x64"  # a bare S is a square
     for bad in ("512x", "0x10", "axb"):
-        with pytest.raises(Exception, match="bad size"):
-            parse_size(bad)
+        with pytest.raises(ConfigError, match=f"bad size '{bad}'"):  # a user error: exit 2
+            cmd_info(argparse.Namespace(backbone="hrnetv2_w18_small", head="fcn", size=bad))
     with pytest.raises(Exception, match="unknown head"):
         cmd_info(argparse.Namespace(backbone="hrnetv2_w18", head="nope", size="64x64"))

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ocr_cluster import config
-from ocr_cluster.results import row_from_config, write_manifest, write_run
+from ocr_cluster.results import row_from_config, write_sweep_manifest, write_run
 
 
 def _row() -> dict:
@@ -59,7 +59,7 @@ def test_missing_s3_store_is_exit_2(case, cli, s3):
 @pytest.mark.s3
 def test_existing_s3_store_without_runs_is_a_warning(cli, s3):
     store = s3.url("launched")
-    write_manifest(store, "grid", ["a", "b"])  # a sweep was launched; no run has finished yet
+    write_sweep_manifest(store, "grid", ["a", "b"])  # a sweep was launched; no run has finished yet
     result = cli("results", "table", "--store", store, "--sweep", "grid")
     assert result.returncode == 0, result.stderr
     assert f"warning: no runs in {store} match" in result.stderr

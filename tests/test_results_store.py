@@ -20,7 +20,7 @@ import pytest
 
 from ocr_cluster import config, storage
 from ocr_cluster.results import (RowError, SCHEMA, UnreadableFileWarning, compact, list_run_files, read_attempts,
-                                 read_runs, row_from_config, write_manifest, write_run)
+                                 read_runs, row_from_config, write_run, write_sweep_manifest)
 from ocr_cluster.results import store as store_mod
 from ocr_cluster.results.reconcile import ManifestError, reconcile
 
@@ -328,7 +328,7 @@ def test_reconcile_missing_failed_duplicated_unexpected(tmp_path):
     write_run(store, row_from_config(stray, status="completed", miou=70.0))
     with pytest.raises(ManifestError, match="no manifest for sweep 'grid'"):
         reconcile(store, "grid")
-    write_manifest(store, "grid", [{"run_id": c.run_id, "backbone": c.model.backbone}
+    write_sweep_manifest(store, "grid", [{"run_id": c.run_id, "backbone": c.model.backbone}
                                    for c in (done, failed, twice, missing)])
     report = reconcile(store, "grid")
     assert report.expected == 4 and not report.complete
@@ -348,6 +348,6 @@ def test_reconcile_on_s3(s3):
     store = s3.url("reconcile")
     cfg = cell(**{"run.sweep": "g"})
     write_run(store, row_from_config(cfg, status="completed", miou=77.0))
-    write_manifest(store, "g", [cfg.run_id, cell("hrnetv2_w48", **{"run.sweep": "g"}).run_id])
+    write_sweep_manifest(store, "g", [cfg.run_id, cell("hrnetv2_w48", **{"run.sweep": "g"}).run_id])
     report = reconcile(store, "g")
     assert report.completed == [cfg.run_id] and len(report.missing) == 1

@@ -9,7 +9,7 @@ import pytest
 
 from ocr_cluster import config
 from ocr_cluster.models.names import BACKBONES, HEADS
-from ocr_cluster.results import ResultsError, published, row_from_config, write_manifest, write_run
+from ocr_cluster.results import ResultsError, published, row_from_config, write_sweep_manifest, write_run
 from ocr_cluster.results import commands
 
 # Copied from the seeds (mmseg / openseg-group configs/ocrnet/README.md): the HRNet tables' header and
@@ -243,7 +243,7 @@ def test_reconcile_handler_exit_codes(tmp_path, capsys):
     path = str(tmp_path)
     a, b = cfg(**{"run.sweep": "g"}), cfg("hrnetv2_w48", **{"run.sweep": "g"})
     run(path, a, miou=77.0)
-    write_manifest(path, "g", [a.run_id, b.run_id])
+    write_sweep_manifest(path, "g", [a.run_id, b.run_id])
     assert commands.cmd_reconcile(parse("reconcile", "--store", path, "--sweep", "g")) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "sweep g: 1/2 completed, 1 missing, 0 failed, 0 duplicated, 0 not in the manifest"

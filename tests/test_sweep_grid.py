@@ -15,7 +15,7 @@ from ocr_cluster.models.names import HEADS
 from ocr_cluster.results import row_from_config, write_run
 from ocr_cluster.sweep import estimate as est
 from ocr_cluster.sweep.grid import SweepError, load
-from ocr_cluster.sweep.names import BACKBONES, DATASETS, METHODS, config_name
+from ocr_cluster.sweep.names import BACKBONE_SHORT, DATASET_SHORT, METHOD_SHORT, config_name
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
@@ -103,8 +103,8 @@ def test_ablation_rows_carry_their_recipe_and_repeats():
 
 
 def test_naming_covers_the_model_zoo():
-    assert set(METHODS) == set(HEADS) and set(BACKBONES) == set(ZOO_BACKBONES)
-    assert set(DATASETS) == set(config.DATASETS)
+    assert set(METHOD_SHORT) == set(HEADS) and set(BACKBONE_SHORT) == set(ZOO_BACKBONES)
+    assert set(DATASET_SHORT) == set(config.DATASETS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ocr_cluster.data.codec import IGNORE_INDEX, lut_from_map
+from ocr_cluster.data.codec import lut_from_map
+from ocr_cluster.data.constants import IGNORE_INDEX
 from ocr_cluster.data.errors import DataError
 
 CONVERTER_NAMES = ("cityscapes", "ade20k", "voc-aug", "pascal-context", "coco-stuff", "lip")

@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from ocr_cluster.data.constants import IGNORE_INDEX
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"),
           (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"RIFF", "webp"))
@@ -53,11 +53,6 @@ def decode_label(data: bytes) -> np.ndarray:
     img = Image.open(io.BytesIO(data))
     img.load()
     return label_array(img)
-
-
-def read_label_file(path: str) -> np.ndarray:
-    with open(path, "rb") as handle:
-        return decode_label(handle.read())
 
 
 def encode_label(label: np.ndarray, compress_level: int = 3) -> bytes:

@@ -16,6 +16,7 @@ import json
 import sys
 
 from ocr_cluster import storage
+from ocr_cluster.config import parse_size
 from ocr_cluster.data import cards
 from ocr_cluster.data.errors import DataError
 from ocr_cluster.data.shards import DEFAULT_SHARD_MB, Manifest, manifest_uri
@@ -85,14 +86,6 @@ def _summary(manifest: Manifest) -> str:
     return f"wrote {manifest.dataset} ({manifest.num_classes} classes) to {manifest.uri}: " + ", ".join(parts)
 
 
-def _parse_hw(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise DataError(f"--size must be HxW, e.g. 256x256, got {text!r}") from None
-    return h, w
-
-
 def _reachable(dst: str) -> None:
     """An object store that does not answer, refuses the credentials or lacks the bucket: one line, before any work."""
     if not storage.is_remote(dst):
@@ -130,7 +123,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     _reachable(args.dst)
     spec = SynthSpec(classes=getattr(args, "classes", 6), num_train=getattr(args, "num_train", 256),
-                     num_val=getattr(args, "num_val", 64), size_hw=_parse_hw(getattr(args, "size", "256x256")),
+                     num_val=getattr(args, "num_val", 64), size_hw=parse_size(getattr(args, "size", "256x256"), what="--size"),
                      seed=getattr(args, "seed", 0), image_format=getattr(args, "image_format", "png"))
     manifest = write_synthetic(args.dst, spec, shard_mb=getattr(args, "shard_mb", DEFAULT_SHARD_MB),
                                overwrite=getattr(args, "overwrite", False))

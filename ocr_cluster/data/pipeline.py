@@ -51,17 +51,15 @@ logged as a warning and counted: `Stats` in-process, `SkipCounter` across Ray ta
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ocr_cluster.data.errors import DataError
 # The plan's public names are re-exported: pipeline is the module callers import.
-from ocr_cluster.data.plan import (COLUMNS, SkipCounter, Stats, block_rows_for, epoch_at,  # noqa: F401
-                                   epoch_plan, epochs_for, eval_params, eval_range, open_dataset,
-                                   read_shard_or_skip, row_order, train_params)
+from ocr_cluster.data.plan import (COLUMNS, SkipCounter, Stats, block_rows_for, call_or_skip,  # noqa: F401
+                                   epoch_at, epoch_plan, epochs_for, eval_params, eval_range, open_dataset,
+                                   read_shard_or_skip, row_order, shard_rows, train_params)
 from ocr_cluster.data.shards import Manifest
 from ocr_cluster.data.transforms import (EvalParams, TrainParams, eval_transform, sample_rng,
                                          train_transform)
@@ -70,8 +68,6 @@ if TYPE_CHECKING:
     import ray.data
 
     from ocr_cluster.config import DataSection
-
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Plain-Python iterators
@@ -99,17 +95,16 @@ def iter_rows(manifest: Manifest, split: str, *, seed: int = 0, epochs: Iterable
     into the shard's Arrow buffers (`.tobytes()` copies them out).
     """
     stats = stats if stats is not None else Stats()
-    shards = manifest.split(split).shards
-    offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])]).astype(int).tolist()
-    start, stop = eval_range(offsets[-1], rank, world_size) if contiguous else (0, offsets[-1])
+    shards, offsets = manifest.split(split).shards, manifest.split(split).offsets()
+    share = (rank, world_size) if contiguous else (0, 1)  # training reads every row, then takes every w-th
     for epoch in epochs:
         position = 0
         for index in epoch_plan(manifest, split, seed, epoch, shuffle):
             shard = shards[index]
-            lo, hi = max(start, offsets[index]) - offsets[index], min(stop, offsets[index + 1]) - offsets[index]
+            lo, hi = shard_rows(offsets, index, *share)
             if hi <= lo:
                 continue
-            table = read_shard_or_skip(manifest, index, shard, verify=verify, skip_bad=skip_bad, counter=stats)
+            table = read_shard_or_skip(manifest, shard, verify=verify, skip_bad=skip_bad, counter=stats)
             if table is None:
                 continue
             uri = manifest.shard_uri(shard)
@@ -140,16 +135,13 @@ def iter_train(data: DataSection, *, seed: int = 0, rank: int = 0, world_size: i
     for epoch, uri, key, image, label in iter_rows(manifest, split, seed=seed, epochs=epochs, rank=rank,
                                                    world_size=world_size, verify=verify,
                                                    skip_bad=data.skip_bad_samples, stats=stats):
-        where = f"shard {uri}: sample {key!r}"
-        try:
-            img, lab = train_transform(image, label, params, sample_rng(seed, epoch, key), where=where)
-        except DataError as exc:
-            if not data.skip_bad_samples:
-                raise
-            stats.add(str(exc))
+        rng, where = sample_rng(seed, epoch, key), f"shard {uri}: sample {key!r}"
+        crop = call_or_skip(lambda: train_transform(image, label, params, rng, where=where),
+                            skip_bad=data.skip_bad_samples, counter=stats)
+        if crop is None:
             continue
         stats.samples += 1
-        item = {"image": img, "label": lab, "key": key, "epoch": epoch}
+        item = {"image": crop[0], "label": crop[1], "key": key, "epoch": epoch}
         if batch_size is None:
             yield item
             continue
@@ -175,13 +167,12 @@ def iter_eval(data: DataSection, *, split: str = "val", rank: int = 0, world_siz
     for _, uri, key, image, label in iter_rows(manifest, split, shuffle=False, rank=rank, world_size=world_size,
                                                contiguous=True, verify=verify, skip_bad=data.skip_bad_samples,
                                                stats=stats):
-        try:
-            img, lab = eval_transform(image, label, params, where=f"shard {uri}: sample {key!r}")
-        except DataError as exc:
-            if not data.skip_bad_samples:
-                raise
-            stats.add(str(exc))
+        where = f"shard {uri}: sample {key!r}"
+        sample = call_or_skip(lambda: eval_transform(image, label, params, where=where),
+                              skip_bad=data.skip_bad_samples, counter=stats)
+        if sample is None:
             continue
+        img, lab = sample
         stats.samples += 1
         yield {"image": img, "label": lab, "key": key, "height": lab.shape[0], "width": lab.shape[1]}
 
@@ -213,6 +204,7 @@ class _ShardSource:
         self.manifest, self.split, self.epochs, self.seed, self.shuffle = manifest, split, epochs, seed, shuffle
         self.rank, self.world_size, self.verify, self.skip_bad = rank, world_size, verify, skip_bad
         self.counter, self.block_rows = counter, block_rows
+        self.offsets = manifest.split(split).offsets()
 
     def estimate_inmemory_data_size(self) -> int:
         return self.manifest.split(self.split).num_bytes * len(self.epochs) // max(1, self.world_size)
@@ -221,15 +213,12 @@ class _ShardSource:
         return "ReadShards"
 
     def num_tasks(self) -> int:
-        shards = self.manifest.split(self.split).shards
-        offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])]).tolist()
-        per_epoch = sum(1 for i in range(len(shards)) if self._rows(offsets, i)[1] > self._rows(offsets, i)[0])
+        per_epoch = sum(1 for i in range(len(self.offsets) - 1) if self._rows(i)[1] > self._rows(i)[0])
         return max(1, per_epoch * len(self.epochs))
 
-    def _rows(self, offsets: list[int], index: int) -> tuple[int, int]:
-        """[lo, hi) of shard `index`'s rows that belong to this worker (eval_range of the split)."""
-        start, stop = eval_range(offsets[-1], self.rank, self.world_size)
-        return max(start, offsets[index]) - offsets[index], max(0, min(stop, offsets[index + 1]) - offsets[index])
+    def _rows(self, index: int) -> tuple[int, int]:
+        """[lo, hi) of shard `index`'s rows that belong to this worker (all of them when training)."""
+        return shard_rows(self.offsets, index, self.rank, self.world_size)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list:
@@ -237,12 +226,11 @@ class _ShardSource:
         from ray.data.block import BlockMetadata
 
         shards = self.manifest.split(self.split).shards
-        offsets = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])]).astype(int).tolist()
         tasks = []
         for epoch in self.epochs:
             for index in epoch_plan(self.manifest, self.split, self.seed, epoch, self.shuffle):
                 shard = shards[index]
-                lo, hi = self._rows(offsets, index)  # this worker's rows (all of them when training)
+                lo, hi = self._rows(index)
                 if hi <= lo:
                     continue
                 size = shard.num_bytes * (hi - lo) // max(1, shard.num_samples)
@@ -258,8 +246,7 @@ def _read_task(manifest: Manifest, split: str, index: int, epoch: int, lo: int, 
     import pyarrow as pa
 
     shard = manifest.split(split).shards[index]
-    table = read_shard_or_skip(manifest, index, shard, verify=verify, skip_bad=skip_bad,
-                  counter=counter if counter is not None else Stats())
+    table = read_shard_or_skip(manifest, shard, verify=verify, skip_bad=skip_bad, counter=counter)
     if table is None:
         return
     rows = np.arange(table.num_rows)
@@ -270,13 +257,6 @@ def _read_task(manifest: Manifest, split: str, index: int, epoch: int, lo: int, 
         block = table.take(pa.array(rows[start:start + block_rows], type=pa.int64()))
         block = block.append_column("epoch", pa.array(np.full(block.num_rows, epoch, dtype=np.int32)))
         yield block.append_column("shard", pa.array([uri] * block.num_rows, type=pa.string()))
-
-
-def _report(counter, stats_message: str) -> None:
-    if counter is not None:
-        counter.add(stats_message)
-    else:
-        log.warning("skipping bad data: %s", stats_message)
 
 
 def _one_cpu() -> None:
@@ -292,16 +272,12 @@ def _transform_rows(batch: dict[str, np.ndarray], transform, *, skip_bad: bool, 
     and left out with skip_bad."""
     keys, images, labels = [], [], []
     for i, key in enumerate(batch["key"]):
-        try:
-            img, lab = transform(i, f"shard {batch['shard'][i]}: sample {str(key)!r}")
-        except DataError as exc:
-            if not skip_bad:
-                raise
-            _report(counter, str(exc))
-            continue
-        keys.append(str(key))
-        images.append(img)
-        labels.append(lab)
+        where = f"shard {batch['shard'][i]}: sample {str(key)!r}"
+        sample = call_or_skip(lambda: transform(i, where), skip_bad=skip_bad, counter=counter)
+        if sample is not None:
+            keys.append(str(key))
+            images.append(sample[0])
+            labels.append(sample[1])
     return keys, images, labels
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,18 +157,37 @@ class _CounterActor:
         return list(self.msgs)
 
 
-def read_shard_or_skip(manifest: Manifest, index: int, shard: ShardInfo, *, verify: bool, skip_bad: bool,
-                       counter) -> Any:
-    """The shard's table, or None with its samples counted as skipped when it is bad and skip_bad is set."""
+def call_or_skip(call: Callable[[], Any], *, skip_bad: bool, counter: Stats | SkipCounter | None, count: int = 1,
+                 note: str = "") -> Any:
+    """`call()`, whose DataError is raised again, or with skip_bad counted as `count` skipped samples
+    on `counter` (None: only logged) and answered with None."""
     try:
-        return read_shard(manifest, shard, verify=verify, columns=COLUMNS)
+        return call()
     except DataError as exc:
         if not skip_bad:
             raise
-        counter.add(f"{exc} (its {shard.num_samples} samples skipped)", shard.num_samples)
+        if counter is None:
+            log.warning("skipping bad data: %s%s", exc, note)
+        else:
+            counter.add(f"{exc}{note}", count)
         return None
+
+
+def read_shard_or_skip(manifest: Manifest, shard: ShardInfo, *, verify: bool, skip_bad: bool, counter) -> Any:
+    """The shard's table, or None with its samples counted as skipped when it is bad and skip_bad is set."""
+    return call_or_skip(lambda: read_shard(manifest, shard, verify=verify, columns=COLUMNS), skip_bad=skip_bad,
+                        counter=counter, count=shard.num_samples, note=f" (its {shard.num_samples} samples skipped)")
 
 
 def eval_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the split indices evaluated by worker `rank` (sizes differ by at most one)."""
     return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+
+
+def shard_rows(offsets: list[int], index: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of shard `index`'s rows inside worker `rank`'s `eval_range` (none when hi <= lo).
+
+    `offsets` is the split's `SplitInfo.offsets()`; rank 0 of 1 gets every row.
+    """
+    start, stop = eval_range(offsets[-1], rank, world_size)
+    return max(start, offsets[index]) - offsets[index], min(stop, offsets[index + 1]) - offsets[index]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import posixpath
 import zlib
@@ -38,12 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ocr_cluster import __version__, storage
+from ocr_cluster.data.constants import IGNORE_INDEX
 from ocr_cluster.data.errors import DataError
 
 FORMAT = "ocr_cluster.shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-IGNORE_INDEX = 255
 DEFAULT_SHARD_MB = 256
 # Row groups are kept small so that other readers (pyarrow datasets, DuckDB) can stream a shard.
 ROW_GROUP_BYTES = 32 * 1024 * 1024
@@ -82,6 +83,10 @@ class SplitInfo:
     @property
     def num_bytes(self) -> int:
         return sum(s.num_bytes for s in self.shards)
+
+    def offsets(self) -> list[int]:
+        """The split index of each shard's first sample, then the split's size: [0, n0, n0 + n1, ...]."""
+        return list(itertools.accumulate((s.num_samples for s in self.shards), initial=0))
 
 
 @dataclass

@@ -12,7 +12,7 @@ random draws in the same order, and images kept in BGR order until normalisation
    INTER_LINEAR, label INTER_NEAREST.
 2. RandomCrop(crop_size, cat_max_ratio=0.75): offsets uniform in [0, margin]; up to 10 re-draws
    until the crop has more than one non-ignored class and the largest covers < cat_max_ratio of the
-   non-ignored pixels (the 11th draw is kept unchecked, as in mmseg).
+   non-ignored pixels (the 11th draw is kept unchecked, as in mmseg): `choose_crop`.
 3. RandomFlip(prob=0.5), horizontal; datasets with left/right classes (LIP) swap them (`flip_swap`;
    mmseg's `swap_seg_labels`).
 4. PhotoMetricDistortion: brightness +-32, contrast x[0.5, 1.5] (before or after the HSV steps, random
@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from ocr_cluster.data.constants import IGNORE_INDEX, MEAN_RGB, STD_RGB
 from ocr_cluster.data.errors import DataError
 
-IGNORE_INDEX = 255
 _IMREAD_COLOR = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
@@ -58,8 +59,8 @@ class TrainParams:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
-    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375)  # RGB
+    mean: tuple[float, float, float] = MEAN_RGB
+    std: tuple[float, float, float] = STD_RGB
     flip_swap: tuple[tuple[int, int], ...] = ()
     ignore_index: int = IGNORE_INDEX
     exact_resize: bool = False  # True: always resize the whole image (bit-exact with mmseg), see augment()
@@ -69,8 +70,8 @@ class TrainParams:
 class EvalParams:
     num_classes: int
     scale_wh: tuple[int, int] | None = None  # None = original resolution
-    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    mean: tuple[float, float, float] = MEAN_RGB
+    std: tuple[float, float, float] = STD_RGB
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -166,13 +167,6 @@ def resize(image: np.ndarray, label: np.ndarray | None, size_wh: tuple[int, int]
     return image, label
 
 
-def random_resize(image: np.ndarray, label: np.ndarray, scale_wh: tuple[int, int],
-                  ratio_range: tuple[float, float], rng) -> tuple[np.ndarray, np.ndarray]:
-    """Step 1."""
-    height, width = label.shape
-    return resize(image, label, rescale_size(width, height, sample_target_scale(scale_wh, ratio_range, rng)))
-
-
 def crop_offsets(size_hw: tuple[int, int], crop_hw: tuple[int, int], rng) -> tuple[int, int]:
     """mmseg RandomCrop.generate_crop_bbox: (y0, x0) uniform in [0, max(size - crop, 0)]."""
     margin_h, margin_w = max(size_hw[0] - crop_hw[0], 0), max(size_hw[1] - crop_hw[1], 0)
@@ -187,20 +181,33 @@ def crop_ok(label_crop: np.ndarray, cat_max_ratio: float, ignore_index: int = IG
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
+def choose_crop(size_hw: tuple[int, int], crop_hw: tuple[int, int], cat_max_ratio: float, rng,
+                label_crop: Callable[[int, int], np.ndarray],
+                ignore_index: int = IGNORE_INDEX) -> tuple[int, int, np.ndarray]:
+    """mmseg RandomCrop's choice of window: (y0, x0, label_crop(y0, x0)) of a size_hw label.
+
+    Up to 10 re-draws while the crop fails `crop_ok` (the 11th draw is kept unchecked, as in mmseg).
+    """
+    y0, x0 = crop_offsets(size_hw, crop_hw, rng)
+    crop = label_crop(y0, x0)
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            if crop_ok(crop, cat_max_ratio, ignore_index):
+                break
+            y0, x0 = crop_offsets(size_hw, crop_hw, rng)
+            crop = label_crop(y0, x0)
+    return y0, x0, crop
+
+
 def random_crop(image: np.ndarray, label: np.ndarray, crop_hw: tuple[int, int], cat_max_ratio: float, rng,
                 ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
     """Step 2 (views into the inputs); the crop is smaller than crop_hw where the image is."""
     def window(y0: int, x0: int) -> tuple[slice, slice]:
         return slice(y0, y0 + crop_hw[0]), slice(x0, x0 + crop_hw[1])
 
-    y0, x0 = crop_offsets(label.shape, crop_hw, rng)
-    if cat_max_ratio < 1.0:
-        for _ in range(10):
-            if crop_ok(label[window(y0, x0)], cat_max_ratio, ignore_index):
-                break
-            y0, x0 = crop_offsets(label.shape, crop_hw, rng)
-    rows, cols = window(y0, x0)
-    return image[rows, cols], label[rows, cols]
+    y0, x0, label_crop = choose_crop(label.shape, crop_hw, cat_max_ratio, rng, lambda y, x: label[window(y, x)],
+                                     ignore_index)
+    return image[window(y0, x0)], label_crop
 
 
 def swap_lut(pairs) -> np.ndarray | None:
@@ -302,7 +309,7 @@ def normalize_luts(mean: tuple, std: tuple) -> tuple[np.ndarray, ...]:
     return tuple(((values - np.float32(m)) / np.float32(s)).reshape(1, 256) for m, s in zip(mean, std))
 
 
-def normalize(image: np.ndarray, mean, std) -> np.ndarray:
+def normalize_image(image: np.ndarray, mean, std) -> np.ndarray:
     """Step 5: HxWx3 uint8 BGR -> 3xHxW float32 RGB, (x - mean) / std (mmseg's bgr_to_rgb + Normalize)."""
     out = np.empty((3, *image.shape[:2]), np.float32)
     b, g, r = cv2.split(np.ascontiguousarray(image))
@@ -369,14 +376,8 @@ def augment(image: np.ndarray, label: np.ndarray, p: TrainParams, rng) -> tuple[
             rows = nearest_index(y0, ch, height, new_h)
             return label.take(rows, axis=0).take(nearest_index(x0, cw, width, new_w), axis=1)
 
-        y0, x0 = crop_offsets((new_h, new_w), p.crop_hw, rng)
-        label_crop = label_window(y0, x0)
-        if p.cat_max_ratio < 1.0:
-            for _ in range(10):
-                if crop_ok(label_crop, p.cat_max_ratio, p.ignore_index):
-                    break
-                y0, x0 = crop_offsets((new_h, new_w), p.crop_hw, rng)
-                label_crop = label_window(y0, x0)
+        y0, x0, label_crop = choose_crop((new_h, new_w), p.crop_hw, p.cat_max_ratio, rng, label_window,
+                                         p.ignore_index)
         image, label = window_resize(image, (new_w, new_h), y0, x0, ch, cw), label_crop
     image, label = random_flip(image, label, p.flip_prob, rng, p.flip_swap)
     if p.photometric:
@@ -389,7 +390,7 @@ def train_transform(image_bytes: bytes, label_bytes: bytes, p: TrainParams, rng,
     """Encoded sample -> (3xHxW float32 normalised crop, HxW uint8 label crop), H x W = p.crop_hw."""
     image, label = decode_pair(image_bytes, label_bytes, p.num_classes, where=where)
     image, label = augment(image, label, p, rng)
-    return pad(normalize(image, p.mean, p.std), label, p.crop_hw, p.ignore_index)
+    return pad(normalize_image(image, p.mean, p.std), label, p.crop_hw, p.ignore_index)
 
 
 def eval_transform(image_bytes: bytes, label_bytes: bytes, p: EvalParams, *,
@@ -402,4 +403,4 @@ def eval_transform(image_bytes: bytes, label_bytes: bytes, p: EvalParams, *,
     image, label = decode_pair(image_bytes, label_bytes, p.num_classes, where=where)
     if p.scale_wh is not None:
         image, _ = resize(image, None, rescale_size(image.shape[1], image.shape[0], p.scale_wh))
-    return normalize(image, p.mean, p.std), label
+    return normalize_image(image, p.mean, p.std), label

@@ -21,26 +21,13 @@ import argparse
 import json
 import sys
 
+from ocr_cluster.config import parse_size
 from ocr_cluster.errors import UserInputError, unknown_choice
 
-__all__ = ["HELP", "add_arguments", "cmd_convert", "cmd_info", "cmd_list", "count_macs", "parse_size"]
+__all__ = ["HELP", "add_arguments", "cmd_convert", "cmd_info", "cmd_list", "count_macs"]
 
 DEFAULT_NUM_CLASSES = 19
 DEFAULT_SIZE = "512x1024"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' (or 'S' for a square) -> (H, W)."""
-    parts = str(text).lower().replace("*", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise UserInputError(f"bad size {text!r}: expected HxW with positive integers, e.g. 512x1024")
-    return values[0], values[1]
 
 
 def _num_classes(args: argparse.Namespace) -> int:
@@ -178,7 +165,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise UserInputError("models info needs a backbone and a head")
     _check_names(backbone, head)
     num_classes = _num_classes(args)
-    size = parse_size(getattr(args, "size", None) or DEFAULT_SIZE)
+    size = parse_size(getattr(args, "size", None) or DEFAULT_SIZE, square=True)
     model = _meta_model(backbone, head, num_classes)
     params = _params(model)
     macs = count_macs(model, size)

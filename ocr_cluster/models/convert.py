@@ -205,7 +205,7 @@ def _kind_of_state_dict(sd: Mapping[str, torch.Tensor]) -> str:
     return "backbone"
 
 
-def normalise(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict]:
+def unpack_checkpoint(obj: Any) -> tuple[str, dict[str, torch.Tensor], dict]:
     """(source format, state_dict in mmseg/project key names, meta) of a loaded checkpoint.
 
     For the 'backbone' format the state_dict keeps its keys as they are (no `backbone.`).
@@ -423,7 +423,7 @@ def load_checkpoint(model: nn.Module, uri: str, *, strict: bool = True, backbone
     """
     model = _bare(model)
     obj = read_checkpoint(uri, map_location=map_location)
-    fmt, sd, meta = normalise(obj)
+    fmt, sd, meta = unpack_checkpoint(obj)
     if backbone_only:
         backbone = getattr(model, "backbone", None)
         if not isinstance(backbone, nn.Module):
@@ -508,7 +508,7 @@ def convert_checkpoint(src_uri: str, dst_uri: str, model_spec: Any = None) -> di
     recorded as meta['model']. The file is written atomically. Returns the meta written.
     """
     obj = read_checkpoint(src_uri)
-    fmt, sd, source_meta = normalise(obj)
+    fmt, sd, source_meta = unpack_checkpoint(obj)
     if fmt == "backbone":
         raise CheckpointError(
             f"{src_uri} holds backbone (ImageNet) weights only; it is loaded with "
@@ -551,7 +551,7 @@ __all__ = [
     "hrnet_seg_to_mmseg",
     "load_checkpoint",
     "load_state_dict_checked",
-    "normalise",
     "read_checkpoint",
     "save_checkpoint",
+    "unpack_checkpoint",
 ]

@@ -64,9 +64,6 @@ class Segmentor(nn.Module):
     def name(self) -> str:
         return f"{self.head_name}_{self.backbone_name}"
 
-    def extract_feat(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.backbone(images)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         feats = self.backbone(images)
         aux = None

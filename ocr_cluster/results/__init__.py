@@ -8,9 +8,9 @@
 from ocr_cluster.results.errors import ResultsError
 from ocr_cluster.results.rows import RowError, row_from_config, scrub
 from ocr_cluster.results.schema import SCHEMA, SCHEMA_VERSION
-from ocr_cluster.results.store import (UnreadableFileWarning, compact, latest, list_run_files, manifest_uri,
-                                       read_attempts, read_runs, write_manifest, write_run)
+from ocr_cluster.results.store import (UnreadableFileWarning, compact, latest, list_run_files, read_attempts, read_runs,
+                                       sweep_manifest_uri, write_run, write_sweep_manifest)
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "ResultsError", "RowError", "UnreadableFileWarning", "compact", "latest",
-           "list_run_files", "manifest_uri", "read_attempts", "read_runs", "row_from_config", "scrub",
-           "write_manifest", "write_run"]
+           "list_run_files", "read_attempts", "read_runs", "row_from_config", "scrub", "sweep_manifest_uri",
+           "write_run", "write_sweep_manifest"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # head (ocr_cluster.models.names.HEADS) -> the Method column
-METHODS = {
+METHOD_LABELS = {
     "ocr": "OCRNet",
     "ocr_dropout": "OCRNet (w/ dropout)",
     "ocr_sepconv": "OCRNet (fusion w/ SepDepthWiseConv)",
@@ -21,7 +21,7 @@ METHODS = {
 }
 
 # backbone (ocr_cluster.models.names.BACKBONES) -> the Backbone column
-BACKBONES = {
+BACKBONE_LABELS = {
     "hrnetv2_w18_small": "HRNetV2p-W18-Small",
     "hrnetv2_w18": "HRNetV2p-W18",
     "hrnetv2_w48": "HRNetV2p-W48",
@@ -34,14 +34,14 @@ BACKBONES = {
 
 def method(head: str | None) -> str | None:
     """A head's Method label; an unknown head shows under its own name."""
-    return METHODS.get(head, head) if head else head
+    return METHOD_LABELS.get(head, head) if head else head
 
 
 def backbone(name: str | None) -> str | None:
-    return BACKBONES.get(name, name) if name else name
+    return BACKBONE_LABELS.get(name, name) if name else name
 
 # dataset (ocr_cluster.config.DATASETS) -> section title, as the seeds' READMEs name them
-DATASETS = {
+DATASET_LABELS = {
     "synthetic": "Synthetic",
     "cityscapes": "Cityscapes",
     "ade20k": "ADE20K",
@@ -55,4 +55,4 @@ DATASETS = {
 
 
 def dataset(name: str | None) -> str | None:
-    return DATASETS.get(name, name) if name else name
+    return DATASET_LABELS.get(name, name) if name else name

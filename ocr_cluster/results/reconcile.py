@@ -13,14 +13,14 @@ import yaml
 
 from ocr_cluster import storage
 from ocr_cluster.results.errors import ResultsError
-from ocr_cluster.results.store import latest, manifest_uri, read_attempts
+from ocr_cluster.results.store import latest, sweep_manifest_uri, read_attempts
 
 
 class ManifestError(ResultsError):
     """A manifest that cannot be read; the message is one line for the user."""
 
 
-def read_manifest(uri: str) -> list[str]:
+def read_sweep_manifest(uri: str) -> list[str]:
     """Expected run ids from a manifest: Parquet or CSV with a run_id column, a JSON / YAML list
     (of ids, or of objects with run_id), or plain text with one id a line ('#' comments)."""
     data = storage.read_bytes(uri)
@@ -69,10 +69,10 @@ def reconcile(store_uri: str, sweep: str, manifest: str | None = None) -> Report
     A run id counts wherever it was written: the id hashes the training config, so the same cell run
     outside the sweep is the same result.
     """
-    uri = manifest or manifest_uri(store_uri, sweep)
+    uri = manifest or sweep_manifest_uri(store_uri, sweep)
     if manifest is None and not storage.exists(uri):
         raise ManifestError(f"no manifest for sweep {sweep!r} at {uri}; pass --manifest FILE")
-    expected = list(dict.fromkeys(read_manifest(uri)))
+    expected = list(dict.fromkeys(read_sweep_manifest(uri)))
     attempts = read_attempts(store_uri)
     rows = attempts.select(["run_id", "attempt", "status", "error", "sweep", "file", "finished_at",
                             "written_at", "attempt_id"]).to_pylist()

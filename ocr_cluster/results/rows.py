@@ -160,7 +160,7 @@ def _per_class(value: Any) -> list[dict] | None:
     return out
 
 
-def normalize(row: dict[str, Any], *, written_at: dt.datetime | None = None) -> dict[str, Any]:
+def checked_row(row: dict[str, Any], *, written_at: dt.datetime | None = None) -> dict[str, Any]:
     """A complete row: every schema column, types checked, timestamps in UTC, strings scrubbed.
 
     Raises RowError for unknown keys, missing required values, wrong types and out-of-range metrics.

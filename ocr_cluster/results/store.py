@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 
 from ocr_cluster import storage
 from ocr_cluster.results.errors import ResultsError
-from ocr_cluster.results.rows import normalize
+from ocr_cluster.results.rows import checked_row
 from ocr_cluster.results.schema import COLUMNS, SCHEMA
 
 NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and pyarrow's) name for an empty partition value
@@ -112,7 +112,7 @@ def write_run(store_uri: str, row: dict[str, Any]) -> str:
 
     `row` is checked (RowError on bad input) and scrubbed of credentials before anything is written.
     """
-    full = normalize(row)
+    full = checked_row(row)
     full["attempt_id"] = f"{full['attempt']:03d}-{_stamp(full['written_at'])}-{uuid.uuid4().hex[:12]}"
     uri = storage.join(store_uri, _partition("dataset", full["dataset"]), _partition("sweep", full["sweep"]),
                        _partition("run_id", full["run_id"]), f"attempt-{full['attempt_id']}.parquet")
@@ -377,13 +377,13 @@ def compact(store_uri: str) -> str | None:
 # Sweep manifests: the run ids a sweep expects (written by the sweep launcher)
 
 
-def manifest_uri(store_uri: str, sweep: str) -> str:
+def sweep_manifest_uri(store_uri: str, sweep: str) -> str:
     return storage.join(store_uri, "_manifests", f"{quote(sweep, safe='') or NULL_PARTITION}.parquet")
 
 
-def write_manifest(store_uri: str, sweep: str, cells: Iterable[dict[str, Any] | str]) -> str:
+def write_sweep_manifest(store_uri: str, sweep: str, cells: Iterable[dict[str, Any] | str]) -> str:
     """Record the cells a sweep expects: run ids, or dicts with a run_id and any describing fields."""
     rows = [{"run_id": c} if isinstance(c, str) else dict(c) for c in cells]
     if any(not r.get("run_id") for r in rows):
         raise ResultsError("every manifest cell needs a run_id")
-    return storage.write_bytes_atomic(manifest_uri(store_uri, sweep), _to_parquet(pa.Table.from_pylist(rows)))
+    return storage.write_bytes_atomic(sweep_manifest_uri(store_uri, sweep), _to_parquet(pa.Table.from_pylist(rows)))

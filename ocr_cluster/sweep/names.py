@@ -12,7 +12,7 @@ from __future__ import annotations
 from ocr_cluster.config import Config, ConfigError
 
 # head (ocr_cluster.models.names.HEADS) -> the method part; mmseg's names where mmseg has the model
-METHODS = {
+METHOD_SHORT = {
     "ocr": "ocrnet",
     "ocr_dropout": "ocrnet-dropout",
     "ocr_sepconv": "ocrnet-sepconv",
@@ -30,7 +30,7 @@ METHODS = {
 }
 
 # backbone (ocr_cluster.models.names.BACKBONES) -> mmseg's short name
-BACKBONES = {
+BACKBONE_SHORT = {
     "hrnetv2_w18_small": "hr18s",
     "hrnetv2_w18": "hr18",
     "hrnetv2_w48": "hr48",
@@ -41,7 +41,7 @@ BACKBONES = {
 }
 
 # dataset (ocr_cluster.config.DATASETS) -> mmseg's dataset part
-DATASETS = {
+DATASET_SHORT = {
     "synthetic": "synthetic",
     "cityscapes": "cityscapes",
     "ade20k": "ade20k",
@@ -62,9 +62,9 @@ def schedule(iters: int) -> str:
 def job_name(*, head: str, backbone: str, gpus: int, per_gpu: int, iters: int, dataset: str, crop: str,
              ohem: bool = False) -> str:
     """The mmseg-style name of a training job; OHEM adds '-ohem' to the method, as mmseg's sampler configs."""
-    method = METHODS.get(head, head.replace("_", "-")) + ("-ohem" if ohem else "")
-    return (f"{method}_{BACKBONES.get(backbone, backbone)}_{gpus}xb{per_gpu}-{schedule(iters)}_"
-            f"{DATASETS.get(dataset, dataset)}-{crop}")
+    method = METHOD_SHORT.get(head, head.replace("_", "-")) + ("-ohem" if ohem else "")
+    return (f"{method}_{BACKBONE_SHORT.get(backbone, backbone)}_{gpus}xb{per_gpu}-{schedule(iters)}_"
+            f"{DATASET_SHORT.get(dataset, dataset)}-{crop}")
 
 
 def config_name(cfg: Config) -> str:
