@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ocr_cluster.models.names import BACKBONES, HEADS
+from ocr_cluster.train.layout import split_batch
 
 DATASETS = ("synthetic", "cityscapes", "ade20k", "voc-aug", "pascal-context", "pascal-context-59",
             "coco-stuff164k", "coco-stuff10k", "lip")
@@ -258,7 +259,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _check(cfg: Config) -> None:
-    """Checks beyond a single field's type: ranges and lengths."""
+    """Checks beyond a single field's type: ranges, lengths, and how the batch splits over the workers."""
     positive = [("data.batch_size", cfg.data.batch_size), ("schedule.iters", cfg.schedule.iters),
                 ("optimizer.lr", cfg.optimizer.lr), ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)]
     if cfg.model.num_classes is not None:
@@ -274,6 +275,16 @@ def _check(cfg: Config) -> None:
     for key, seq in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
         if len(seq) != 3:
             raise ConfigError(f"{key}: expected 3 values (R, G, B), got {seq!r}")
+    # How the batch splits over the workers: wrong here, a sweep cell is wrong before anything runs.
+    world, micro, _ = split_batch(cfg)
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} does not split over "
+                          f"cluster.num_workers {world}; use a multiple of {world}")
+    if micro <= 0 or (cfg.data.batch_size // world) % micro:
+        raise ConfigError(f"cluster.micro_batch {cfg.cluster.micro_batch} must divide the per-worker batch "
+                          f"{cfg.data.batch_size // world}")
+    if cfg.cluster.amp == "fp16" and not cfg.cluster.use_gpu:
+        raise ConfigError("cluster.amp fp16 needs GPUs (cluster.use_gpu: true); use bf16 or none on CPU")
 
 
 def parse_size(text: str) -> tuple[int, int]:
