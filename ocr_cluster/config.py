@@ -34,6 +34,11 @@ DATASETS = ("synthetic", "cityscapes", "ade20k", "voc-aug", "pascal-context", "p
 RUN_ID_VERSION = 1
 
 
+# Keys that earlier versions wrote into every dumped config (results rows, checkpoints) and that no longer
+# mean anything; accepted at the one value they could have, so those configs still load.
+RETIRED = {"schedule.policy": "poly"}
+
+
 class ConfigError(ValueError):
     """Bad configuration input; the message is one line meant for the user."""
 
@@ -117,7 +122,6 @@ class OptimizerSection:
 @dataclass
 class ScheduleSection:
     iters: int = opt(1000, "training iterations")
-    policy: str = choice("poly", ("poly",))
     power: float = opt(0.9)
     min_lr: float = opt(1e-4, "mmseg uses 1e-4; HRNet-OCR / openseg use 0")
     warmup_iters: int = opt(0)
@@ -240,6 +244,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
+            if full in RETIRED and value == RETIRED[full]:
+                continue
             raise _unknown_key(full, list(fields))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):

@@ -184,6 +184,7 @@ def test_bad_override_syntax(bad, message):
      r"^cluster.micro_batch -2 must divide the per-worker batch 4$"),
     (["cluster.amp=fp16", "cluster.use_gpu=false"],
      r"^cluster.amp fp16 needs GPUs \(cluster.use_gpu: true\); use bf16 or none on CPU$"),
+    (["schedule.policy=step"], r"unknown key 'schedule.policy'"),
 ])
 def test_validation_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -195,6 +196,14 @@ def test_batch_checks_pass_where_the_batch_splits():
     assert config.load(overrides=["data.batch_size=16", "cluster.num_workers=2", "cluster.micro_batch=4"])
     assert config.load(overrides=["data.batch_size=3", "cluster.num_workers=0"])  # Ray's local mode: one worker
     assert config.load(overrides=["cluster.amp=fp16", "cluster.use_gpu=true"])
+
+
+def test_retired_key_at_its_old_value_still_loads():
+    # Every config dumped before schedule.policy was removed has it (results rows, checkpoints).
+    old = config.load().to_yaml().replace("schedule:\n", "schedule:\n  policy: poly\n")
+    assert "policy: poly" in old
+    assert config.loads_yaml(old) == config.load()
+    assert config.loads_yaml(old).run_id == config.load().run_id
 
 
 def test_validation_errors_from_a_file_name_the_key(tmp_path):
