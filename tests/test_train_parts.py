@@ -241,3 +241,12 @@ def test_worker_seed_formulas():
     assert worker_seed(5, 1, resumed_at=40) == 5 * 1000003 + 7919 + 40  # resumed: per rank and resume point
     assert worker_seed(5, 1, resumed_at=40) != worker_seed(5, 1, resumed_at=44)
 
+
+def test_skip_counter_counts_a_sample_met_every_epoch_once():
+    from ocr_cluster.data.plan import _CounterActor  # the counter's state, without starting its Ray actor
+
+    counter = _CounterActor()
+    for _epoch in range(3):
+        counter.add("shard a.parquet: sample 's2': image cannot be decoded", 1)
+        counter.add("shard b.parquet is truncated (its 6 samples skipped)", 6)
+    assert counter.total() == 21 and counter.distinct() == 7

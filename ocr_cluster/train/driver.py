@@ -152,7 +152,7 @@ def connect_ray(cfg: Config, layout: RunLayout) -> None:
              logging_level="WARNING")
 
 
-def build_trainer(cfg: Config, start: RunStart):
+def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -162,13 +162,13 @@ def build_trainer(cfg: Config, start: RunStart):
     start_epoch = epoch_at(start.start_iter, cfg.data.batch_size, start.manifest)
     dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=start_epoch, manifest=start.manifest,
                             num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, start.manifest,
-                                                  start_epoch=start_epoch))
+                                                  start_epoch=start_epoch), skip_counter=skip_counter)
     # Ray composes <storage_path>/<name>: the layout's run_uri.
     storage_fs, storage_path = storage.arrow_filesystem(cfg.storage.checkpoint_uri)
     resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config_yaml": cfg.to_yaml()},
+        train_loop_config={"config_yaml": cfg.to_yaml(), "skip_counter": skip_counter},
         datasets={"train": dataset},
         # cluster.num_workers as given: 0 is Ray's local mode (one worker, the layout's world of 1).
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
@@ -201,7 +201,12 @@ def run(cfg: Config) -> int:
         print("note: no model.pretrained_backbone: training from random initialisation; the published "
               "numbers start from ImageNet weights", flush=True)
     connect_ray(cfg, layout)
-    trainer = build_trainer(cfg, start)
+    skip_counter = None
+    if cfg.data.skip_bad_samples:  # the training stream's skips, counted by its Ray Data tasks
+        from ocr_cluster.data.pipeline import SkipCounter
+
+        skip_counter = SkipCounter()
+    trainer = build_trainer(cfg, start, skip_counter)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray gave up after max_failures: record it, then one line

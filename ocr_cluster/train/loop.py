@@ -22,7 +22,7 @@ import ray.train.torch
 import torch
 
 from ocr_cluster import config as config_mod
-from ocr_cluster.data.pipeline import iter_eval, open_dataset, torch_batches
+from ocr_cluster.data.pipeline import Stats, iter_eval, open_dataset, torch_batches
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
 from ocr_cluster.train import checkpoint
@@ -55,22 +55,34 @@ def worker_seed(seed: int, rank: int, resumed_at: int | None = None) -> int:
     return seed * 1000003 + rank * 7919 + resumed_at
 
 
+def _sum_over_ranks(value: int) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
 def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=False) -> dict:
-    """mIoU over the whole val split, each worker taking every world-th image, confusion all-reduced."""
+    """mIoU over the whole val split, each worker taking every world-th image, confusion all-reduced.
+    With data.skip_bad_samples, 'skipped' is the number of val samples skipped (all ranks)."""
     bare = getattr(model, "module", model)
     if world > 1:  # evaluate rank 0's BN statistics everywhere: the checkpoint's model, whatever the norm
         for buffer in bare.buffers():
             torch.distributed.broadcast(buffer, src=0)
     metric = IoUMetric(manifest.num_classes)
     settings = InferenceSettings.from_config(cfg.evaluation, bare.final_head.align_corners, ms_flip=ms_flip)
-    evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest), metric, settings, device,
-             dtype)
+    stats = Stats()
+    evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest, stats=stats), metric,
+             settings, device, dtype)
     metric.all_reduce()
-    return metric.compute()
+    skipped = _sum_over_ranks(stats.skipped) if cfg.data.skip_bad_samples else 0
+    return {**metric.compute(), "skipped": skipped}
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
-    trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]))
+    trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"))
     started = trainer.start()
     for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
         lr = trainer.train_step(it)
@@ -82,8 +94,8 @@ class Trainer:
     """One worker's share of the run. Built: the model (pretrained weights on a fresh start), its
     optimizer and AMP scaler, restored from Ray Train's checkpoint on a resume."""
 
-    def __init__(self, cfg: config_mod.Config):
-        self.cfg = cfg
+    def __init__(self, cfg: config_mod.Config, skip_counter=None):
+        self.cfg, self.skip_counter = cfg, skip_counter
         self.layout = layout = RunLayout.from_config(cfg)
         self.manifest = open_dataset(cfg.data)  # read once: classes for the model, the evaluations and the row
         context = ray.train.get_context()
@@ -209,13 +221,22 @@ class Trainer:
         if self.rank == 0:
             from ocr_cluster.train.results import write_completed
 
+            skipped = self.skipped_samples(scores)
+            if cfg.data.skip_bad_samples:
+                say(f"[{self.layout.run_id}] skipped {skipped} bad sample(s) (data.skip_bad_samples)")
             fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
             mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
             write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
                             mem_gb=mem_gb, train_time_s=train_time,
                             started_at=dt.datetime.fromtimestamp(started, dt.timezone.utc),
-                            num_nodes=self.num_nodes)
+                            num_nodes=self.num_nodes, skipped_samples=skipped)
         self.progress.close()
+
+    def skipped_samples(self, scores: dict) -> int:
+        """Bad samples skipped: the training stream's (each counted once, though read every epoch) and the
+        last evaluation's. Without data.skip_bad_samples a bad sample fails the run, so none."""
+        train = self.skip_counter.distinct() if self.skip_counter is not None else 0
+        return train + scores["skipped"]
 
 
 def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank: int) -> None:
