@@ -27,12 +27,18 @@ import yaml
 from ocr_cluster.data.constants import MEAN_RGB, STD_RGB
 from ocr_cluster.errors import UserInputError
 from ocr_cluster.models.names import BACKBONES, HEADS
+from ocr_cluster.train.layout import split_batch
 
 DATASETS = ("synthetic", "cityscapes", "ade20k", "voc-aug", "pascal-context", "pascal-context-59",
             "coco-stuff164k", "coco-stuff10k", "lip")
 
 # Bump when a default below changes what a training computes, so old run ids are not reused for it.
 RUN_ID_VERSION = 1
+
+
+# Keys that earlier versions wrote into every dumped config (results rows, checkpoints) and that no longer
+# mean anything; accepted at the one value they could have, so those configs still load.
+RETIRED = {"schedule.policy": "poly"}
 
 
 class ConfigError(UserInputError):
@@ -133,7 +139,6 @@ class OptimizerSection:
 @dataclass
 class ScheduleSection:
     iters: int = opt(1000, "training iterations")
-    policy: str = choice("poly", ("poly",))
     power: float = opt(0.9)
     min_lr: float = opt(1e-4, "mmseg uses 1e-4; HRNet-OCR / openseg use 0")
     warmup_iters: int = opt(0)
@@ -256,6 +261,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
+            if full in RETIRED and value == RETIRED[full]:
+                continue
             raise _unknown_key(full, list(fields))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -277,7 +284,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _check(cfg: Config) -> None:
-    """Checks beyond a single field's type: ranges and lengths."""
+    """Checks beyond a single field's type: ranges, lengths, and how the batch splits over the workers."""
     positive = [("data.batch_size", cfg.data.batch_size), ("schedule.iters", cfg.schedule.iters),
                 ("optimizer.lr", cfg.optimizer.lr), ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)]
     if cfg.model.num_classes is not None:
@@ -293,6 +300,16 @@ def _check(cfg: Config) -> None:
     for key, seq in [("data.mean", cfg.data.mean), ("data.std", cfg.data.std)]:
         if len(seq) != 3:
             raise ConfigError(f"{key}: expected 3 values (R, G, B), got {seq!r}")
+    # How the batch splits over the workers: wrong here, a sweep cell is wrong before anything runs.
+    world, micro, _ = split_batch(cfg)
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} does not split over "
+                          f"cluster.num_workers {world}; use a multiple of {world}")
+    if micro <= 0 or (cfg.data.batch_size // world) % micro:
+        raise ConfigError(f"cluster.micro_batch {cfg.cluster.micro_batch} must divide the per-worker batch "
+                          f"{cfg.data.batch_size // world}")
+    if cfg.cluster.amp == "fp16" and not cfg.cluster.use_gpu:
+        raise ConfigError("cluster.amp fp16 needs GPUs (cluster.use_gpu: true); use bf16 or none on CPU")
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -176,6 +176,15 @@ def test_bad_override_syntax(bad, message):
     (["cluster.num_workers=-1"], r"cluster.num_workers: must be >= 0"),
     (["data.ratio_range=[2.0, 0.5]"], r"data.ratio_range: expected \[low, high\]"),
     (["data.mean=[1, 2]"], r"data.mean: expected 3 values"),
+    (["data.batch_size=8", "cluster.num_workers=3"],
+     r"^data.batch_size 8 does not split over cluster.num_workers 3; use a multiple of 3$"),
+    (["data.batch_size=16", "cluster.num_workers=2", "cluster.micro_batch=3"],
+     r"^cluster.micro_batch 3 must divide the per-worker batch 8$"),
+    (["data.batch_size=8", "cluster.num_workers=2", "cluster.micro_batch=-2"],
+     r"^cluster.micro_batch -2 must divide the per-worker batch 4$"),
+    (["cluster.amp=fp16", "cluster.use_gpu=false"],
+     r"^cluster.amp fp16 needs GPUs \(cluster.use_gpu: true\); use bf16 or none on CPU$"),
+    (["schedule.policy=step"], r"unknown key 'schedule.policy'"),
 ])
 def test_validation_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -191,6 +200,20 @@ def test_parse_size_is_strict_unless_a_square_is_allowed():
             config.parse_size(bad)
     with pytest.raises(ConfigError, match=r"bad --size '0': expected HxW \(or S for a square\)"):
         config.parse_size("0", square=True, what="--size")
+
+
+def test_batch_checks_pass_where_the_batch_splits():
+    assert config.load(overrides=["data.batch_size=16", "cluster.num_workers=2", "cluster.micro_batch=4"])
+    assert config.load(overrides=["data.batch_size=3", "cluster.num_workers=0"])  # Ray's local mode: one worker
+    assert config.load(overrides=["cluster.amp=fp16", "cluster.use_gpu=true"])
+
+
+def test_retired_key_at_its_old_value_still_loads():
+    # Every config dumped before schedule.policy was removed has it (results rows, checkpoints).
+    old = config.load().to_yaml().replace("schedule:\n", "schedule:\n  policy: poly\n")
+    assert "policy: poly" in old
+    assert config.loads_yaml(old) == config.load()
+    assert config.loads_yaml(old).run_id == config.load().run_id
 
 
 def test_validation_errors_from_a_file_name_the_key(tmp_path):

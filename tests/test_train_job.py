@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,17 +22,55 @@ VENV_BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
 
 
+SPEC_ARGS = {"classes": 4, "num_train": 16, "num_val": 4, "size_hw": (64, 64)}
+
+
+@contextmanager
+def _s3_env(service):
+    """The S3 endpoint's variables in this process (module fixtures cannot use monkeypatch)."""
+    saved = {k: os.environ.get(k) for k in service.env}
+    os.environ.update(service.env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
 @pytest.fixture(scope="module")
 def synth_uri(_s3_service):
     """A tiny synthetic dataset on the S3 endpoint, shared by this module's tests."""
     from ocr_cluster.data.synth import SynthSpec, write_synthetic
 
-    saved = {k: os.environ.get(k) for k in _s3_service.env}
-    os.environ.update(_s3_service.env)
     uri = f"s3://{_s3_service.info['bucket']}/train-job/synth"
-    write_synthetic(uri, SynthSpec(classes=4, num_train=16, num_val=4, size_hw=(64, 64)))
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    with _s3_env(_s3_service):
+        write_synthetic(uri, SynthSpec(**SPEC_ARGS))
+    return uri
+
+
+BAD_KEYS = ("train_000005", "val_000001")
+
+
+@pytest.fixture(scope="module")
+def bad_synth_uri(_s3_service):
+    """The same tiny dataset with one undecodable image in train and one in val (BAD_KEYS)."""
+    from ocr_cluster.data import codec
+    from ocr_cluster.data.shards import DatasetWriter
+    from ocr_cluster.data.synth import SynthSpec, class_names, palette, render
+
+    spec = SynthSpec(**SPEC_ARGS)
+    uri = f"s3://{_s3_service.info['bucket']}/train-job/bad-synth"
+    with _s3_env(_s3_service):
+        writer = DatasetWriter(uri, name="synthetic", dataset="synthetic", classes=class_names(spec.classes),
+                               palette=palette(spec.classes))
+        for split, count in (("train", spec.num_train), ("val", spec.num_val)):
+            for index in range(count):
+                key = f"{split}_{index:06d}"
+                image, label = render(spec, split, index)
+                data = codec.encode_image(image, spec.image_format) if key not in BAD_KEYS else b"not an image"
+                writer.add(split, key, data, codec.encode_label(label), label_array=label, height=64, width=64,
+                           image_format=spec.image_format)
+        writer.close()
     return uri
 
 
@@ -88,6 +127,7 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert row["iters"] == 6 and row["backbone"] == "hrnetv2_w18_small" and 0 <= row["miou"] <= 100
     assert len(row["iou_per_class"]) == 4 and row["fps"] and row["fps"] > 0
     assert row["checkpoint_uri"] == f"{root}/runs/{row['run_id']}/checkpoint_iter=0000006/model.pt"
+    assert row["skipped_samples"] == 0
     assert storage.exists(row["checkpoint_uri"])  # the final checkpoint is on S3
     assert "testing" not in json.dumps(row, default=str)  # no credential in the row
     tensorboard = storage.list_files(f"{root}/runs/{row['run_id']}/tensorboard")
@@ -105,6 +145,20 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert "already completed" in again.stdout
     assert "iter 2/6" not in again.stdout
     assert [r["status"] for r in store_rows(f"{root}/results")] == ["completed"]
+
+
+def test_skipped_bad_samples_are_counted_in_the_row(ray_cluster, s3, bad_synth_uri, tmp_path):
+    # 14 iterations of batch 2 read the 15 good training samples about twice: the bad one is met every
+    # epoch and counted once; the val one is met at every evaluation and counted once.
+    job, root = tiny_job(tmp_path, s3, bad_synth_uri, data={"skip_bad_samples": True},
+                         schedule={"iters": 14, "checkpoint_interval": 7, "log_interval": 7},
+                         evaluation={"interval": 7, "fps_images": 6})
+    result = submit(ray_cluster, s3, job)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    (row,) = store_rows(f"{root}/results")
+    assert row["status"] == "completed" and row["skipped_samples"] == len(BAD_KEYS)
+    assert f"skipped {len(BAD_KEYS)} bad sample(s)" in log
 
 
 def _alive_train_workers(ray_cluster) -> list[int]:

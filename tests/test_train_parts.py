@@ -190,11 +190,63 @@ def test_ms_flip_averages_probabilities():
     assert flipped.unique().tolist() == [1]
 
 
-def test_micro_batch_accumulates_to_the_global_batch():
+@pytest.mark.parametrize("overrides, world, micro, accum", [
+    (["data.batch_size=16", "cluster.num_workers=4"], 4, 4, 1),
+    (["data.batch_size=16", "cluster.num_workers=2", "cluster.micro_batch=2"], 2, 2, 4),  # 2 x 2 x 4 steps = 16
+    (["data.batch_size=6", "cluster.num_workers=0"], 1, 6, 1),  # Ray's local mode: one worker
+    (["data.batch_size=8", "cluster.num_workers=1", "cluster.micro_batch=8"], 1, 8, 1),
+])
+def test_layout_splits_the_global_batch(overrides, world, micro, accum):
     from ocr_cluster import config
-    from ocr_cluster.train.loop import micro_batch
+    from ocr_cluster.train.layout import RunLayout
 
-    cfg = config.load(overrides=["data.batch_size=16", "cluster.num_workers=4"])
-    assert micro_batch(cfg, 4) == (4, 1)
-    cfg = config.load(overrides=["data.batch_size=16", "cluster.num_workers=2", "cluster.micro_batch=2"])
-    assert micro_batch(cfg, 2) == (2, 4)  # 2 workers x 2 samples x 4 steps = 16
+    layout = RunLayout.from_config(config.load(overrides=overrides))
+    assert (layout.world, layout.micro_batch, layout.accum_steps) == (world, micro, accum)
+    assert layout.world * layout.micro_batch * layout.accum_steps == config.load(overrides=overrides).data.batch_size
+
+
+def test_layout_paths_and_gpus():
+    from ocr_cluster import config
+    from ocr_cluster.train.layout import RunLayout, checkpoint_dir, checkpoint_iteration
+
+    cfg = config.load(overrides=["storage.checkpoint_uri=s3://bucket/runs/", "schedule.iters=80000",
+                                 "cluster.num_workers=4", "cluster.use_gpu=true", "data.batch_size=8"])
+    layout = RunLayout.from_config(cfg)
+    run = f"s3://bucket/runs/{cfg.run_id}"
+    assert layout.run_id == cfg.run_id and layout.run_uri == run and layout.num_gpus == 4
+    assert layout.tensorboard_uri == f"{run}/tensorboard"
+    assert layout.checkpoint_uri(2000) == f"{run}/checkpoint_iter=0002000"
+    assert layout.final_model_uri == f"{run}/checkpoint_iter=0080000/model.pt"
+    assert checkpoint_iteration(checkpoint_dir(123)) == 123
+    assert checkpoint_iteration("checkpoint_iter=12x") is None and checkpoint_iteration("tensorboard") is None
+    assert RunLayout.from_config(config.load(overrides=["cluster.num_workers=4", "data.batch_size=8"])).num_gpus == 0
+    with pytest.raises(AttributeError):
+        layout.world = 8  # frozen: derived once
+
+
+def test_layout_imports_without_ray_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import ocr_cluster.train.layout, ocr_cluster.config; "
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_worker_seed_formulas():
+    from ocr_cluster.train.loop import worker_seed
+
+    assert [worker_seed(5, rank) for rank in range(3)] == [5, 6, 7]  # from scratch: seed + rank
+    assert worker_seed(5, 1, resumed_at=40) == 5 * 1000003 + 7919 + 40  # resumed: per rank and resume point
+    assert worker_seed(5, 1, resumed_at=40) != worker_seed(5, 1, resumed_at=44)
+
+
+def test_skip_counter_counts_a_sample_met_every_epoch_once():
+    from ocr_cluster.data.plan import _CounterActor  # the counter's state, without starting its Ray actor
+
+    counter = _CounterActor()
+    for _epoch in range(3):
+        counter.add("shard a.parquet: sample 's2': image cannot be decoded", 1)
+        counter.add("shard b.parquet is truncated (its 6 samples skipped)", 6)
+    assert counter.total() == 21 and counter.distinct() == 7

@@ -135,6 +135,12 @@ class SkipCounter:
 
         return ray.get(self._actor.total.remote())
 
+    def distinct(self) -> int:
+        """Like total(), but a bad sample (or shard) met again, in a later epoch, counts once."""
+        import ray
+
+        return ray.get(self._actor.distinct.remote())
+
     def messages(self) -> list[str]:
         import ray
 
@@ -144,14 +150,19 @@ class SkipCounter:
 class _CounterActor:
     def __init__(self) -> None:
         self.count, self.msgs = 0, []
+        self.by_message: dict[str, int] = {}  # a skip's message names its shard and sample, not the epoch
 
     def add(self, message: str, count: int) -> None:
         self.count += count
+        self.by_message.setdefault(message, count)
         if len(self.msgs) < 100:
             self.msgs.append(message)
 
     def total(self) -> int:
         return self.count
+
+    def distinct(self) -> int:
+        return sum(self.by_message.values())
 
     def messages(self) -> list[str]:
         return list(self.msgs)

@@ -19,6 +19,7 @@ import ocr_cluster
 from ocr_cluster.results import names
 from ocr_cluster.results.errors import ResultsError
 from ocr_cluster.results.schema import COLUMNS, PERCENT_COLUMNS, REQUIRED, SCHEMA, SCHEMA_VERSION, STATUSES
+from ocr_cluster.train.layout import RunLayout
 
 
 class RowError(ResultsError):
@@ -98,9 +99,9 @@ def row_from_config(cfg, **fields: Any) -> dict[str, Any]:
 
     e.g. row_from_config(cfg, status="completed", miou=77.72, mem_gb=4.7, attempt=1, num_nodes=2)
     """
-    num_gpus = cfg.cluster.num_workers if cfg.cluster.use_gpu else 0
+    layout = RunLayout.from_config(cfg)
     row = {
-        "run_id": cfg.run_id,
+        "run_id": layout.run_id,
         "sweep": cfg.run.sweep,
         "run_name": cfg.run.name,
         "dataset": cfg.data.dataset,
@@ -111,9 +112,9 @@ def row_from_config(cfg, **fields: Any) -> dict[str, Any]:
         "batch_size": cfg.data.batch_size,
         "iters": cfg.schedule.iters,
         "seed": cfg.run.seed,
-        "num_gpus": num_gpus,
-        "device": _device(num_gpus),
-        "checkpoint_uri": f"{cfg.storage.checkpoint_uri.rstrip('/')}/{cfg.run_id}",
+        "num_gpus": layout.num_gpus,
+        "device": _device(layout.num_gpus),
+        "checkpoint_uri": layout.run_uri,
         "config_yaml": cfg.to_yaml(),
         "git_sha": git_sha(),
         "torch_version": _version("torch"),

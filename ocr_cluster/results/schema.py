@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: skipped_samples
 
 STATUSES = ("completed", "failed")
 
@@ -61,6 +61,8 @@ SCHEMA = pa.schema([
     ("started_at", UTC_US),
     ("finished_at", UTC_US),
     ("written_at", UTC_US),
+    # data (version 2)
+    ("skipped_samples", pa.int64()),      # bad samples skipped (data.skip_bad_samples), each counted once
 ], metadata={"ocr_cluster.schema_version": str(SCHEMA_VERSION)})
 
 COLUMNS = tuple(SCHEMA.names)

@@ -1,11 +1,11 @@
 """Training checkpoints: one directory per report, uploaded by Ray Train to
-<storage.checkpoint_uri>/<run_id>/checkpoint_iter=NNNNNNN/.
+<storage.checkpoint_uri>/<run_id>/checkpoint_iter=NNNNNNN/ (the names are train/layout.py's).
 
     model.pt   this project's model checkpoint format (ocr_cluster.models.convert): loadable by
                `ocr-cluster eval --checkpoint`, `models convert` and `model.pretrained`
-    state.pt   optimizer state, iteration, the LR schedule's base lr, the AMP scaler, RNG states
+    state.pt   optimizer state, iteration, the AMP scaler, RNG states
 
-The LR schedule is a function of the iteration, so the iteration is its whole state.
+The LR schedule is a function of the iteration and the config, so the iteration is its whole state.
 """
 
 from __future__ import annotations
@@ -18,12 +18,7 @@ import numpy as np
 import torch
 
 from ocr_cluster.models.convert import checkpoint_dict, load_checkpoint
-
-MODEL_FILE, STATE_FILE = "model.pt", "state.pt"
-
-
-def dir_name(iteration: int) -> str:
-    return f"checkpoint_iter={iteration:07d}"
+from ocr_cluster.train.layout import MODEL_FILE, STATE_FILE
 
 
 def _numpy_state() -> list:

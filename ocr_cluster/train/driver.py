@@ -12,13 +12,12 @@ trained again.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from ocr_cluster import storage
 from ocr_cluster.config import Config
 from ocr_cluster.errors import ReportedFailure, UserInputError
-from ocr_cluster.train.loop import micro_batch
+from ocr_cluster.train.layout import RunLayout, checkpoint_iteration
 
 
 class TrainSetupError(UserInputError):
@@ -30,8 +29,10 @@ class TrainFailed(ReportedFailure):
 
 
 @dataclass
-class Plan:
-    run_id: str
+class RunStart:
+    """What preflight found: where the run lives, its dataset, and the iteration it starts from."""
+
+    layout: RunLayout
     num_classes: int
     manifest: object
     start_iter: int
@@ -54,15 +55,14 @@ def worker_error(exc: BaseException) -> str:
     return _reason(exc)
 
 
-def latest_checkpoint_iter(cfg: Config, run_id: str) -> int:
-    """The iteration of the newest checkpoint under <checkpoint_uri>/<run_id>, 0 if none."""
-    fs, path = storage.filesystem(storage.join(cfg.storage.checkpoint_uri, run_id))
+def latest_checkpoint_iter(layout: RunLayout) -> int:
+    """The iteration of the newest checkpoint in the run's directory, 0 if none."""
+    fs, path = storage.filesystem(layout.run_uri)
     try:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return 0
-    iters = [int(m.group(1)) for n in names if (m := re.fullmatch(r"checkpoint_iter=(\d+)", n))]
-    return max(iters, default=0)
+    return max((i for n in names if (i := checkpoint_iteration(n)) is not None), default=0)
 
 
 def absolute_local_paths(cfg: Config) -> Config:
@@ -91,12 +91,12 @@ def _must_exist(key: str, uri: str, target: str, missing: str) -> None:
         raise TrainSetupError(f"{key}: {missing}")
 
 
-def preflight(cfg: Config) -> Plan:
-    """Every check that needs no worker. Raises TrainSetupError (or DataError) with one line."""
+def preflight(cfg: Config) -> RunStart:
+    """Every check that needs no worker and is not the config's own (config._check). Raises
+    TrainSetupError (or DataError) with one line."""
     from ocr_cluster.data.errors import DataError
     from ocr_cluster.data.pipeline import open_dataset
 
-    run_id = cfg.run_id
     for key, uri in (("data.uri", cfg.data.uri), ("storage.checkpoint_uri", cfg.storage.checkpoint_uri),
                      ("results.store_uri", cfg.results.store_uri)):
         if not uri:
@@ -123,17 +123,6 @@ def preflight(cfg: Config) -> Plan:
     if manifest.split("train").num_samples == 0 or manifest.split("val").num_samples == 0:
         raise TrainSetupError(f"the dataset at {cfg.data.uri} needs samples in both 'train' and 'val'")
 
-    world = max(cfg.cluster.num_workers, 1)
-    if cfg.data.batch_size % world:
-        raise TrainSetupError(f"data.batch_size {cfg.data.batch_size} does not split over "
-                              f"cluster.num_workers {world}; use a multiple of {world}")
-    micro, accum = micro_batch(cfg, world)
-    if micro <= 0 or (cfg.data.batch_size // world) % micro:
-        raise TrainSetupError(f"cluster.micro_batch {cfg.cluster.micro_batch} must divide the per-worker batch "
-                              f"{cfg.data.batch_size // world}")
-    if cfg.cluster.amp == "fp16" and not cfg.cluster.use_gpu:
-        raise TrainSetupError("cluster.amp fp16 needs GPUs (cluster.use_gpu: true); use bf16 or none on CPU")
-
     for key, uri in (("model.pretrained", cfg.model.pretrained),
                      ("model.pretrained_backbone", cfg.model.pretrained_backbone)):
         if uri:
@@ -143,10 +132,11 @@ def preflight(cfg: Config) -> Plan:
         if storage.is_remote(uri):
             bucket = storage.filesystem(uri)[1].split("/", 1)[0]
             _must_exist(key, uri, f"{storage.scheme(uri)}://{bucket}", f"bucket '{bucket}' of {uri} does not exist")
-    return Plan(run_id, num_classes, manifest, latest_checkpoint_iter(cfg, run_id))
+    layout = RunLayout.from_config(cfg)
+    return RunStart(layout, num_classes, manifest, latest_checkpoint_iter(layout))
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray(cfg: Config, layout: RunLayout) -> None:
     """Join the cluster this runs in (cluster.address or RAY_ADDRESS), or start a local one."""
     import ray
 
@@ -156,34 +146,36 @@ def connect_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
         return
-    workers_cpus = max(cfg.cluster.num_workers, 1) * cfg.cluster.cpus_per_worker
+    workers_cpus = layout.world * cfg.cluster.cpus_per_worker
     # Logical CPUs beyond the workers' share, so Ray Data's read and decode tasks can run beside them.
     num_cpus = max(os.cpu_count() or 1, int(workers_cpus) + 2)
     ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
              logging_level="WARNING")
 
 
-def build_trainer(cfg: Config, plan: Plan):
+def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from ocr_cluster.data.pipeline import epoch_at, epochs_for, train_dataset
     from ocr_cluster.train.loop import train_fn_per_worker
 
-    start_epoch = epoch_at(plan.start_iter, cfg.data.batch_size, plan.manifest)
-    dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=start_epoch, manifest=plan.manifest,
-                            num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, plan.manifest,
-                                                  start_epoch=start_epoch))
+    start_epoch = epoch_at(start.start_iter, cfg.data.batch_size, start.manifest)
+    dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=start_epoch, manifest=start.manifest,
+                            num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, start.manifest,
+                                                  start_epoch=start_epoch), skip_counter=skip_counter)
+    # Ray composes <storage_path>/<name>: the layout's run_uri.
     storage_fs, storage_path = storage.arrow_filesystem(cfg.storage.checkpoint_uri)
     resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config_yaml": cfg.to_yaml()},
+        train_loop_config={"config_yaml": cfg.to_yaml(), "skip_counter": skip_counter},
         datasets={"train": dataset},
+        # cluster.num_workers as given: 0 is Ray's local mode (one worker, the layout's world of 1).
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=plan.run_id, storage_path=storage_path,
+            name=start.layout.run_id, storage_path=storage_path,
             storage_filesystem=storage_fs if storage.is_remote(cfg.storage.checkpoint_uri) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.num_to_keep)),
@@ -195,25 +187,31 @@ def run(cfg: Config) -> int:
     from ocr_cluster.train.results import completed_row, write_failed
 
     cfg = absolute_local_paths(cfg)
-    plan = preflight(cfg)
-    done = completed_row(cfg, plan.run_id)
+    start = preflight(cfg)
+    layout = start.layout
+    done = completed_row(cfg, layout.run_id)
     if done is not None:
-        print(f"run {plan.run_id} ({cfg.run.name}) is already completed: mIoU {done['miou']} "
+        print(f"run {layout.run_id} ({cfg.run.name}) is already completed: mIoU {done['miou']} "
               f"(row {done['file']}); not training again", flush=True)
         return 0
-    where = f"resuming from iteration {plan.start_iter}" if plan.start_iter else "from scratch"
-    print(f"run {plan.run_id} ({cfg.run.name}): {cfg.model.head} on {cfg.model.backbone}, {cfg.data.dataset} "
-          f"({plan.num_classes} classes), {cfg.schedule.iters} iterations, batch {cfg.data.batch_size} on "
+    where = f"resuming from iteration {start.start_iter}" if start.start_iter else "from scratch"
+    print(f"run {layout.run_id} ({cfg.run.name}): {cfg.model.head} on {cfg.model.backbone}, {cfg.data.dataset} "
+          f"({start.num_classes} classes), {cfg.schedule.iters} iterations, batch {cfg.data.batch_size} on "
           f"{cfg.cluster.num_workers} worker(s), {where}", flush=True)
     if cfg.data.dataset != "synthetic" and not (cfg.model.pretrained or cfg.model.pretrained_backbone):
         print("note: no model.pretrained_backbone: training from random initialisation; the published "
               "numbers start from ImageNet weights", flush=True)
-    connect_ray(cfg)
-    trainer = build_trainer(cfg, plan)
+    connect_ray(cfg, layout)
+    skip_counter = None
+    if cfg.data.skip_bad_samples:  # the training stream's skips, counted by its Ray Data tasks
+        from ocr_cluster.data.pipeline import SkipCounter
+
+        skip_counter = SkipCounter()
+    trainer = build_trainer(cfg, start, skip_counter)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray gave up after max_failures: record it, then one line
         reason = worker_error(exc)
-        write_failed(cfg, plan.run_id, f"{reason}\n\n{exc}", max(cfg.cluster.num_workers, 1))
-        raise TrainFailed(f"run {plan.run_id} failed: {reason}; a failed row is in {cfg.results.store_uri}") from exc
+        write_failed(cfg, layout, f"{reason}\n\n{exc}")
+        raise TrainFailed(f"run {layout.run_id} failed: {reason}; a failed row is in {cfg.results.store_uri}") from exc
     return 0

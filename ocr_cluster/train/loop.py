@@ -1,8 +1,10 @@
 """The per-worker training function that Ray Train runs on every worker (one per GPU).
 
-Reads top to bottom: model -> optimizer -> resume -> iterations (accumulated micro-batches, AMP, poly
-LR) -> periodic evaluation and checkpoint -> final evaluation, fps, memory -> rank 0 writes the row.
-Every rank calls `ray.train.report` at each checkpoint; only rank 0 attaches the checkpoint.
+`train_fn_per_worker` reads top to bottom: a `Trainer` is set up (model, optimizer, resume), then each
+iteration is one `train_step` (one optimizer step over the accumulated micro-batches, AMP, poly LR)
+followed by `after_step` (log; evaluate and checkpoint when due), and `finish` evaluates once more
+(ms+flip), times fps, and has rank 0 write the result row. Every rank calls `ray.train.report` at each
+checkpoint; only rank 0 attaches the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import ray.train.torch
 import torch
 
 from ocr_cluster import config as config_mod
-from ocr_cluster.data.pipeline import iter_eval, open_dataset, torch_batches
+from ocr_cluster.data.pipeline import Stats, iter_eval, open_dataset, torch_batches
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
 from ocr_cluster.train import checkpoint
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
+from ocr_cluster.train.layout import RunLayout, checkpoint_dir
 from ocr_cluster.train.losses import segmentation_loss
 from ocr_cluster.train.metrics import IoUMetric
 from ocr_cluster.train.progress import Progress, say
@@ -43,130 +46,197 @@ def intervals(cfg: config_mod.Config) -> tuple[int, int]:
     return cfg.schedule.checkpoint_interval or tenth, cfg.evaluation.interval or tenth
 
 
-def micro_batch(cfg: config_mod.Config, world: int) -> tuple[int, int]:
-    """(samples per worker per forward, accumulation steps) reaching data.batch_size per optimizer step."""
-    per_worker = cfg.data.batch_size // max(world, 1)
-    micro = cfg.cluster.micro_batch or per_worker
-    return micro, per_worker // micro
+def worker_seed(seed: int, rank: int, resumed_at: int | None = None) -> int:
+    """A rank's torch seed for training. From scratch: seed + rank, so dropout differs per rank as in mmseg.
+    Resumed at an iteration: a fresh stream per rank and resume point (rank 0 restores its saved RNG state
+    instead)."""
+    if resumed_at is None:
+        return seed + rank
+    return seed * 1000003 + rank * 7919 + resumed_at
+
+
+def _sum_over_ranks(value: int) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=False) -> dict:
-    """mIoU over the whole val split, each worker taking every world-th image, confusion all-reduced."""
+    """mIoU over the whole val split, each worker taking every world-th image, confusion all-reduced.
+    With data.skip_bad_samples, 'skipped' is the number of val samples skipped (all ranks)."""
     bare = getattr(model, "module", model)
     if world > 1:  # evaluate rank 0's BN statistics everywhere: the checkpoint's model, whatever the norm
         for buffer in bare.buffers():
             torch.distributed.broadcast(buffer, src=0)
     metric = IoUMetric(manifest.num_classes)
     settings = InferenceSettings.from_config(cfg.evaluation, bare.final_head.align_corners, ms_flip=ms_flip)
-    evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest), metric, settings, device,
-             dtype)
+    stats = Stats()
+    evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest, stats=stats), metric,
+             settings, device, dtype)
     metric.all_reduce()
-    return metric.compute()
+    skipped = _sum_over_ranks(stats.skipped) if cfg.data.skip_bad_samples else 0
+    return {**metric.compute(), "skipped": skipped}
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
-    cfg = config_mod.loads_yaml(loop_config["config_yaml"])
-    run_id = cfg.run_id
-    manifest = open_dataset(cfg.data)  # read once: classes for the model, the evaluations and the row
-    num_classes = manifest.num_classes
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    dtype = amp_dtype(cfg.cluster.amp, device)
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"))
+    started = trainer.start()
+    for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
+        lr = trainer.train_step(it)
+        trainer.after_step(it + 1, lr)
+    trainer.finish(started)
 
-    # Model: SyncBN under DDP when asked; pretrained weights only for a fresh start.
-    model = build_model(cfg.model.backbone, cfg.model.head, num_classes, align_corners=cfg.model.align_corners,
-                        dropout_ratio=cfg.model.dropout_ratio, norm=cfg.model.norm, aux_weight=cfg.loss.aux_weight)
-    if cfg.model.norm == "syncbn" and world > 1:
-        if device.type == "cuda":
-            model = convert_sync_batchnorm(model)
-        elif rank == 0:  # torch's SyncBatchNorm runs on CUDA only
-            say(f"[{run_id}] model.norm syncbn: CPU workers use per-worker BatchNorm")
-    resume = ray.train.get_checkpoint()
-    if resume is None and cfg.model.pretrained:
-        load_checkpoint(model, cfg.model.pretrained)
-    elif resume is None and cfg.model.pretrained_backbone:
-        load_checkpoint(model, cfg.model.pretrained_backbone, backbone_only=True)
-    loss_weights = dict(model.loss_weights)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = build_optimizer(getattr(model, "module", model), cfg.optimizer)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    start_iter = 0
-    if resume is not None:
+class Trainer:
+    """One worker's share of the run. Built: the model (pretrained weights on a fresh start), its
+    optimizer and AMP scaler, restored from Ray Train's checkpoint on a resume."""
+
+    def __init__(self, cfg: config_mod.Config, skip_counter=None):
+        self.cfg, self.skip_counter = cfg, skip_counter
+        self.layout = layout = RunLayout.from_config(cfg)
+        self.manifest = open_dataset(cfg.data)  # read once: classes for the model, the evaluations and the row
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        if self.world != layout.world:
+            raise RuntimeError(f"Ray Train started {self.world} workers; the config asks for {layout.world}")
+        self.num_nodes = max(1, self.world // max(1, context.get_local_world_size()))
+        self.device = ray.train.torch.get_device()
+        self.dtype = amp_dtype(cfg.cluster.amp, self.device)
+
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+        resume = ray.train.get_checkpoint()
+        model = self._build_model(fresh=resume is None)
+        self.loss_weights = dict(model.loss_weights)
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.start_iter = self._resume(resume) if resume is not None else 0
+        if resume is None:
+            torch.manual_seed(worker_seed(cfg.run.seed, self.rank))
+
+        self.class_weight = torch.tensor(cfg.loss.class_weight, device=self.device) if cfg.loss.class_weight \
+            else None
+        self.ohem = (cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept) if cfg.loss.ohem else None
+        self.ckpt_every, self.eval_every = intervals(cfg)
+        self.batches = torch_batches(ray.train.get_dataset_shard("train"), layout.micro_batch, device=self.device)
+        self.progress = Progress(cfg, layout, self.start_iter, self.rank, images_per_iter=cfg.data.batch_size)
+        self.meta = {"run_id": layout.run_id, "backbone": cfg.model.backbone, "head": cfg.model.head,
+                     "num_classes": self.manifest.num_classes, "align_corners": cfg.model.align_corners,
+                     "config_yaml": cfg.to_yaml()}
+
+    def _build_model(self, fresh: bool) -> torch.nn.Module:
+        """SyncBN under DDP when asked; pretrained weights only for a fresh start."""
+        cfg = self.cfg
+        model = build_model(cfg.model.backbone, cfg.model.head, self.manifest.num_classes,
+                            align_corners=cfg.model.align_corners, dropout_ratio=cfg.model.dropout_ratio,
+                            norm=cfg.model.norm, aux_weight=cfg.loss.aux_weight)
+        if cfg.model.norm == "syncbn" and self.world > 1:
+            if self.device.type == "cuda":
+                model = convert_sync_batchnorm(model)
+            elif self.rank == 0:  # torch's SyncBatchNorm runs on CUDA only
+                say(f"[{self.layout.run_id}] model.norm syncbn: CPU workers use per-worker BatchNorm")
+        if fresh and cfg.model.pretrained:
+            load_checkpoint(model, cfg.model.pretrained)
+        elif fresh and cfg.model.pretrained_backbone:
+            load_checkpoint(model, cfg.model.pretrained_backbone, backbone_only=True)
+        return model
+
+    def _resume(self, resume: ray.train.Checkpoint) -> int:
+        """Model, optimizer, scaler (and rank 0's RNG state) from the checkpoint; the iteration to continue at."""
         with resume.as_directory() as directory:
-            start_iter = checkpoint.load(directory, model, optimizer, scaler, restore_rng=rank == 0)
-        if rank != 0:
-            torch.manual_seed(cfg.run.seed * 1000003 + rank * 7919 + start_iter)
+            start_iter = checkpoint.load(directory, self.model, self.optimizer, self.scaler,
+                                         restore_rng=self.rank == 0)
+        if self.rank != 0:
+            torch.manual_seed(worker_seed(self.cfg.run.seed, self.rank, resumed_at=start_iter))
         else:
-            say(f"[{run_id}] resumed from the checkpoint at iteration {start_iter}")
-    else:
-        torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank, as in mmseg
+            say(f"[{self.layout.run_id}] resumed from the checkpoint at iteration {start_iter}")
+        return start_iter
 
-    class_weight = torch.tensor(cfg.loss.class_weight, device=device) if cfg.loss.class_weight else None
-    ohem = (cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept) if cfg.loss.ohem else None
-    micro, accum = micro_batch(cfg, world)
-    ckpt_every, eval_every = intervals(cfg)
-    batches = torch_batches(ray.train.get_dataset_shard("train"), micro, device=device)
-    progress = Progress(cfg, run_id, start_iter, rank, images_per_iter=cfg.data.batch_size)
-    meta = {"run_id": run_id, "backbone": cfg.model.backbone, "head": cfg.model.head, "num_classes": num_classes,
-            "align_corners": cfg.model.align_corners, "config_yaml": cfg.to_yaml()}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.time()
-    model.train()
+    def start(self) -> float:
+        """Training mode, peak-memory counter reset; returns the start time."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.time()
+        self.model.train()
+        return started
 
-    for it in range(start_iter, cfg.schedule.iters):
-        lr = set_lr(optimizer, it, cfg.optimizer.lr, cfg.schedule)
+    def _next_batch(self, it: int) -> dict:
+        wait_start = time.perf_counter()
+        batch = next(self.batches, None)
+        if batch is None:
+            raise RuntimeError(f"the training data stream ended at iteration {it}; "
+                               "the dataset is too small for this many iterations")
+        self.progress.data_wait(time.perf_counter() - wait_start)
+        return batch
+
+    def train_step(self, it: int) -> float:
+        """Iteration `it`: one optimizer step over accum_steps micro-batches, gradients synced on the last.
+        Returns the learning rate used."""
+        cfg, model, accum = self.cfg, self.model, self.layout.accum_steps
+        lr = set_lr(self.optimizer, it, cfg.optimizer.lr, cfg.schedule)
         for step in range(accum):
-            wait_start = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                raise RuntimeError(f"the training data stream ended at iteration {it}; "
-                                   "the dataset is too small for this many iterations")
-            progress.data_wait(time.perf_counter() - wait_start)
+            batch = self._next_batch(it)
             last = step == accum - 1
             no_sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with no_sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with no_sync, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 outputs = model(batch["image"])
-                loss, parts = segmentation_loss(outputs, batch["label"], loss_weights,
-                                                reduction=cfg.loss.reduction, class_weight=class_weight,
-                                                align_corners=cfg.model.align_corners, ohem=ohem)
-            scaler.scale(loss / accum).backward()
-            progress.add_loss(loss.detach(), parts, accum)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(progress.last_loss):
-            raise FloatingPointError(f"the loss became {progress.last_loss} at iteration {it + 1}")
+                loss, parts = segmentation_loss(outputs, batch["label"], self.loss_weights,
+                                                reduction=cfg.loss.reduction, class_weight=self.class_weight,
+                                                align_corners=cfg.model.align_corners, ohem=self.ohem)
+            self.scaler.scale(loss / accum).backward()
+            self.progress.add_loss(loss.detach(), parts, accum)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(self.progress.last_loss):
+            raise FloatingPointError(f"the loss became {self.progress.last_loss} at iteration {it + 1}")
+        return lr
 
-        done = it + 1
-        final = done == cfg.schedule.iters
-        due_eval, due_ckpt = final or done % eval_every == 0, final or done % ckpt_every == 0
-        metrics = {"iter": done, "lr": lr, **progress.losses()} if due_ckpt else {}  # before step() resets it
-        progress.step(done, lr)
+    def after_step(self, done: int, lr: float) -> None:
+        """Log; evaluate every eval_every and checkpoint every ckpt_every iterations, and both at the end."""
+        final = done == self.cfg.schedule.iters
+        due_eval, due_ckpt = final or done % self.eval_every == 0, final or done % self.ckpt_every == 0
+        metrics = {"iter": done, "lr": lr, **self.progress.losses()} if due_ckpt else {}  # before step() resets it
+        self.progress.step(done, lr)
         if due_eval:
-            scores = run_evaluation(model, cfg, manifest, rank, world, device, dtype)
+            scores = self.evaluate()
             metrics.update({"mIoU": scores["mIoU"], "mAcc": scores["mAcc"], "aAcc": scores["aAcc"]})
-            progress.evaluated(done, scores)
+            self.progress.evaluated(done, scores)
         if due_ckpt:
-            report(model, optimizer, scaler, done, metrics, meta, rank)
+            report(self.model, self.optimizer, self.scaler, done, metrics, self.meta, self.rank)
 
-    # End of the run: ms+flip, speed and memory as mmseg's README columns, then the result row.
-    train_time = time.time() - started
-    scores = progress.last_scores or run_evaluation(model, cfg, manifest, rank, world, device, dtype)
-    ms_scores = run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=True) \
-        if cfg.evaluation.ms_flip else None
-    if rank == 0:
-        from ocr_cluster.train.results import write_completed
+    def evaluate(self, ms_flip: bool = False) -> dict:
+        return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device, self.dtype,
+                              ms_flip=ms_flip)
 
-        fps = fps_on_val(model, cfg, manifest, device, dtype)
-        mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
-        write_completed(cfg, run_id, list(manifest.classes), scores, ms_scores, fps=fps, mem_gb=mem_gb, train_time_s=train_time,
-                        started_at=dt.datetime.fromtimestamp(started, dt.timezone.utc),
-                        world=world, num_nodes=max(1, world // max(1, context.get_local_world_size())))
-    progress.close()
+    def finish(self, started: float) -> None:
+        """The end of the run: ms+flip, speed and memory as mmseg's README columns, then the result row."""
+        cfg, device = self.cfg, self.device
+        train_time = time.time() - started
+        scores = self.progress.last_scores or self.evaluate()
+        ms_scores = self.evaluate(ms_flip=True) if cfg.evaluation.ms_flip else None
+        if self.rank == 0:
+            from ocr_cluster.train.results import write_completed
+
+            skipped = self.skipped_samples(scores)
+            if cfg.data.skip_bad_samples:
+                say(f"[{self.layout.run_id}] skipped {skipped} bad sample(s) (data.skip_bad_samples)")
+            fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
+            mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+            write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
+                            mem_gb=mem_gb, train_time_s=train_time,
+                            started_at=dt.datetime.fromtimestamp(started, dt.timezone.utc),
+                            num_nodes=self.num_nodes, skipped_samples=skipped)
+        self.progress.close()
+
+    def skipped_samples(self, scores: dict) -> int:
+        """Bad samples skipped: the training stream's (each counted once, though read every epoch) and the
+        last evaluation's. Without data.skip_bad_samples a bad sample fails the run, so none."""
+        train = self.skip_counter.distinct() if self.skip_counter is not None else 0
+        return train + scores["skipped"]
 
 
 def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank: int) -> None:
@@ -177,7 +247,7 @@ def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank:
         checkpoint.save(directory, model, optimizer, done, meta, scaler)
     try:
         ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint.dir_name(done))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir(done))
     finally:
         if directory:
             shutil.rmtree(directory, ignore_errors=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ocr_cluster import storage
+from ocr_cluster.train.layout import RunLayout
 
 
 def say(message: str) -> None:
@@ -30,8 +31,8 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, cfg, run_id: str, start_iter: int, rank: int, images_per_iter: int):
-        self.cfg, self.run_id, self.rank = cfg, run_id, rank
+    def __init__(self, cfg, layout: RunLayout, start_iter: int, rank: int, images_per_iter: int):
+        self.cfg, self.layout, self.run_id, self.rank = cfg, layout, layout.run_id, rank
         self.total = cfg.schedule.iters
         self.images_per_iter = images_per_iter
         self.window_start, self.window_iters, self.window_wait = time.perf_counter(), 0, 0.0
@@ -45,8 +46,9 @@ class Progress:
     def _tensorboard(self):
         from tensorboardX import SummaryWriter
 
-        root = self.cfg.storage.checkpoint_uri
-        local = storage.local_path(storage.join(root, self.run_id, "tensorboard")) if not storage.is_remote(root) \
+        # Written locally; on remote storage uploaded to the run's tensorboard directory at close().
+        uri = self.layout.tensorboard_uri
+        local = storage.local_path(uri) if not storage.is_remote(uri) \
             else os.path.join(os.environ.get("TMPDIR", "/tmp"), "ocr_cluster_tensorboard", self.run_id)
         self.tb_dir = local
         return SummaryWriter(local)
@@ -97,7 +99,7 @@ class Progress:
         if self.writer is None:
             return
         self.writer.close()
-        root = self.cfg.storage.checkpoint_uri
-        if storage.is_remote(root):  # TensorBoard files go next to the checkpoints
-            fs, path = storage.filesystem(storage.join(root, self.run_id, "tensorboard"))
+        uri = self.layout.tensorboard_uri
+        if storage.is_remote(uri):  # TensorBoard files go next to the checkpoints
+            fs, path = storage.filesystem(uri)
             fs.put(str(Path(self.tb_dir)) + "/", path + "/", recursive=True)

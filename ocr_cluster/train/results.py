@@ -11,7 +11,7 @@ import warnings
 
 from ocr_cluster.config import Config
 from ocr_cluster.results import read_attempts, row_from_config, write_run
-from ocr_cluster.train.checkpoint import MODEL_FILE, dir_name
+from ocr_cluster.train.layout import RunLayout
 from ocr_cluster.train.progress import say
 
 
@@ -31,30 +31,29 @@ def completed_row(cfg: Config, run_id: str) -> dict | None:
     return _completed(attempts(cfg, run_id))
 
 
-def _common(cfg: Config, run_id: str, world: int, previous: int, num_nodes: int | None = None) -> dict:
-    return {"run_id": run_id, "attempt": previous + 1, "num_nodes": num_nodes,
-            "num_gpus": world if cfg.cluster.use_gpu else 0,
-            "finished_at": dt.datetime.now(dt.timezone.utc)}
+def _common(previous: int, num_nodes: int | None = None) -> dict:
+    """What row_from_config cannot know (it takes run id, GPUs and paths from the run's layout)."""
+    return {"attempt": previous + 1, "num_nodes": num_nodes, "finished_at": dt.datetime.now(dt.timezone.utc)}
 
 
-def write_completed(cfg: Config, run_id: str, classes: list[str], scores: dict, ms_scores: dict | None, *, fps,
-                    mem_gb, train_time_s: float, started_at, world: int, num_nodes: int | None) -> str | None:
-    rows = attempts(cfg, run_id)
+def write_completed(cfg: Config, layout: RunLayout, classes: list[str], scores: dict, ms_scores: dict | None, *,
+                    fps, mem_gb, train_time_s: float, started_at, num_nodes: int | None,
+                    skipped_samples: int) -> str | None:
+    rows = attempts(cfg, layout.run_id)
     if _completed(rows) is not None:
-        say(f"[{run_id}] a completed row exists already; not writing another")
+        say(f"[{layout.run_id}] a completed row exists already; not writing another")
         return None
-    checkpoint = f"{cfg.storage.checkpoint_uri.rstrip('/')}/{run_id}/{dir_name(cfg.schedule.iters)}/{MODEL_FILE}"
     row = row_from_config(
-        cfg, **_common(cfg, run_id, world, len(rows), num_nodes), status="completed", miou=scores["mIoU"],
+        cfg, **_common(len(rows), num_nodes), status="completed", miou=scores["mIoU"],
         aacc=scores["aAcc"], macc=scores["mAcc"], miou_msflip=ms_scores["mIoU"] if ms_scores else None,
         iou_per_class=list(zip(classes, scores["IoU"])), fps=fps, mem_gb=mem_gb, train_time_s=train_time_s,
-        started_at=started_at, checkpoint_uri=checkpoint)
+        started_at=started_at, checkpoint_uri=layout.final_model_uri, skipped_samples=skipped_samples)
     uri = write_run(cfg.results.store_uri, row)
-    say(f"[{run_id}] completed: mIoU {scores['mIoU']:.2f}; result row {uri}")
+    say(f"[{layout.run_id}] completed: mIoU {scores['mIoU']:.2f}; result row {uri}")
     return uri
 
 
-def write_failed(cfg: Config, run_id: str, error: str, world: int) -> str:
-    previous = len(attempts(cfg, run_id))
-    row = row_from_config(cfg, **_common(cfg, run_id, world, previous), status="failed", error=error[-4000:])
+def write_failed(cfg: Config, layout: RunLayout, error: str) -> str:
+    previous = len(attempts(cfg, layout.run_id))
+    row = row_from_config(cfg, **_common(previous), status="failed", error=error[-4000:])
     return write_run(cfg.results.store_uri, row)
