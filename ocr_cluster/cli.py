@@ -88,6 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_run_id:
         print(cfg.run_id)
         return 0
+    if args.verbose:
+        from ocr_cluster import logs
+
+        logs.set_verbose()
     from ocr_cluster.train.driver import run
 
     return run(cfg)
@@ -123,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config (YAML, with its run id) and exit")
     train.add_argument("--print-run-id", action="store_true", help="print the deterministic run id and exit")
+    train.add_argument("--verbose", action="store_true",
+                       help="show Ray's own log lines too (the same as OCR_CLUSTER_VERBOSE=1)")
     train.set_defaults(func=cmd_train)
 
     evaluate = verb("eval", "evaluate a checkpoint (mIoU, per-class IoU)")

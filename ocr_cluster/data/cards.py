@@ -14,7 +14,8 @@ mmseg defaults `img_scale` (WxH) and `crop_size` (HxW).
     lip             -> lip
     synthetic       -> synthetic (written by `ocr-cluster data synth`, not converted)
 
-The cards live next to the package (OCR_CLUSTER_DATASETS overrides the directory).
+The cards live in datasets/ at the repository root; a built wheel carries them as ocr_cluster/datasets
+(OCR_CLUSTER_DATASETS overrides the directory).
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ CARD_NAMES = (*CONVERTER_NAMES, "synthetic")
 
 
 def cards_dir() -> Path:
+    """OCR_CLUSTER_DATASETS, else the cards an installed package carries (ocr_cluster/datasets), else the
+    checkout's datasets/ (a source tree or an editable install)."""
     env = os.environ.get("OCR_CLUSTER_DATASETS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "datasets"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "datasets"
+    return packaged if packaged.is_dir() else package.parent / "datasets"
 
 
 @dataclass

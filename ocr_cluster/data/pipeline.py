@@ -382,8 +382,9 @@ def torch_batches(iterator, batch_size: int, *, device: Any = None, prefetch_bat
 
     for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
                                        prefetch_batches=prefetch_batches):
-        image = torch.from_numpy(np.ascontiguousarray(batch["image"]))
-        label = torch.from_numpy(np.ascontiguousarray(batch["label"])).long()
+        # Batches from the object store are read-only; torch wants arrays it may write to.
+        image = torch.from_numpy(np.require(batch["image"], requirements=("C", "W")))
+        label = torch.from_numpy(np.require(batch["label"], dtype=np.int64, requirements=("C", "W")))
         if device is not None:
             image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         yield {"image": image, "label": label, "key": [str(k) for k in batch["key"]]}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ocr_cluster import storage
+from ocr_cluster import logs, storage
 from ocr_cluster.config import Config
 from ocr_cluster.errors import ReportedFailure, UserInputError
 from ocr_cluster.train.layout import RunLayout, checkpoint_iteration
@@ -144,13 +144,12 @@ def connect_ray(cfg: Config, layout: RunLayout) -> None:
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, **logs.ray_init_options(local=False))
         return
     workers_cpus = layout.world * cfg.cluster.cpus_per_worker
     # Logical CPUs beyond the workers' share, so Ray Data's read and decode tasks can run beside them.
     num_cpus = max(os.cpu_count() or 1, int(workers_cpus) + 2)
-    ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, include_dashboard=False,
-             logging_level="WARNING")
+    ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **logs.ray_init_options(local=True))
 
 
 def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
@@ -178,7 +177,8 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
             name=start.layout.run_id, storage_path=storage_path,
             storage_filesystem=storage_fs if storage.is_remote(cfg.storage.checkpoint_uri) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.num_to_keep)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.num_to_keep),
+            logging_config=logs.train_logging_config()),
     )
 
 

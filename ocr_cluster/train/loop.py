@@ -21,7 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ocr_cluster import config as config_mod
+from ocr_cluster import config as config_mod, logs
 from ocr_cluster.data.pipeline import Stats, iter_eval, open_dataset, torch_batches
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
@@ -82,6 +82,7 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
+    logs.train_worker()
     trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"))
     started = trainer.start()
     for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
