@@ -56,3 +56,7 @@ DATASET_LABELS = {
 
 def dataset(name: str | None) -> str | None:
     return DATASET_LABELS.get(name, name) if name else name
+
+
+# field -> its display function, for table headers and plot legends
+DISPLAY = {"backbone": backbone, "head": method, "dataset": dataset}

@@ -11,8 +11,6 @@ from matplotlib.figure import Figure
 from ocr_cluster.results import names
 from ocr_cluster.results.tables import HEADERS, TableError, _order
 
-LABELS = {"backbone": names.backbone, "head": names.method, "dataset": names.dataset}
-
 
 def plot(runs: list[dict[str, Any]], x: str, y: str, by: str | None, out: str, title: str | None = None) -> str:
     """Write the plot to `out` (format from its suffix: .png, .svg, .pdf); returns the path.
@@ -36,7 +34,7 @@ def plot(runs: list[dict[str, Any]], x: str, y: str, by: str | None, out: str, t
     ax = fig.subplots()
     for group in sorted(groups, key=lambda v: _order(by or "", v)):
         rows = groups[group]
-        label = LABELS.get(by, str)(group) if by else None
+        label = names.DISPLAY.get(by, str)(group) if by else None
         xs = sorted({r[x] for r in rows}, key=lambda v: _order(x, v))
         means = [statistics.fmean(r[y] for r in rows if r[x] == v) for v in xs]
         line, = ax.plot([pos(v) for v in xs], means, marker="o", label=label)

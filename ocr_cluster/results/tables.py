@@ -162,8 +162,7 @@ def pivot(runs: list[dict[str, Any]], rows: list[str], cols: str, metric: str = 
     def cell(v: tuple[float, int]) -> str:
         return f"{v[0]:.2f}" if v[1] == 1 else f"{v[0]:.2f} (n={v[1]})"
 
-    display = {"backbone": names.backbone, "head": names.method, "dataset": names.dataset}
-    columns = [Column(k, HEADERS.get(k, k), display.get(k, str)) for k in rows]
+    columns = [Column(k, HEADERS.get(k, k), names.DISPLAY.get(k, str)) for k in rows]
     columns += [Column(str(v), str(v), cell, True) for v in col_values]
     title = f"{HEADERS.get(metric, metric)} by {', '.join(rows)} and {cols} ({agg})"
     return Table(columns, out_rows, [c.key for c in columns], title)
