@@ -1,4 +1,5 @@
-"""IoUMetric, losses and the LR schedule against independent brute-force computations."""
+"""IoUMetric, losses and the optimizer against independent brute-force computations (the LR schedule, OHEM,
+loss weights and inference against mmseg: tests/test_fidelity_*.py)."""
 
 from __future__ import annotations
 
@@ -127,28 +128,6 @@ def test_ohem_keeps_hard_pixels():
     assert kept[:3].sum() == 0 and kept.sum() == 4
 
 
-def test_segmentation_loss_weights_heads():
-    torch.manual_seed(1)
-    label = torch.randint(0, 3, (2, 8, 8))
-    outputs = {"decode": torch.randn(2, 3, 4, 4), "aux": torch.randn(2, 3, 4, 4)}
-    total, parts = losses.segmentation_loss(outputs, label, {"decode": 1.0, "aux": 0.4})
-    assert torch.allclose(total, parts["decode"] + 0.4 * parts["aux"])
-
-
-def test_poly_schedule_with_min_lr_and_warmup():
-    cfg = ScheduleSection(iters=1000, power=0.9, min_lr=1e-4)
-    assert schedule.lr_at(0, 0.01, cfg) == pytest.approx(0.01)
-    assert schedule.lr_at(1000, 0.01, cfg) == pytest.approx(1e-4)
-    assert schedule.lr_at(500, 0.01, cfg) == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
-    hr = ScheduleSection(iters=1000, min_lr=0.0)
-    assert schedule.lr_at(999, 0.01, hr) == pytest.approx(0.01 * 0.001 ** 0.9)
-    warm = ScheduleSection(iters=1000, min_lr=0.0, warmup_iters=100, warmup_ratio=0.1)
-    assert schedule.lr_at(0, 0.01, warm) == pytest.approx(0.001)
-    assert schedule.lr_at(100, 0.01, warm) == pytest.approx(schedule.lr_at(100, 0.01, hr))
-    rates = [schedule.lr_at(i, 0.01, warm) for i in range(100)]
-    assert rates == sorted(rates)
-
-
 def test_optimizer_groups_and_head_lr_mult():
     model = torch.nn.Module()
     model.backbone = torch.nn.Linear(2, 2)
@@ -158,36 +137,6 @@ def test_optimizer_groups_and_head_lr_mult():
     lrs = sorted(g["lr"] for g in opt.param_groups)
     assert lrs == pytest.approx([0.01, 0.1])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
-
-
-def test_slide_inference_equals_whole_for_a_pointwise_model():
-    from ocr_cluster.train.inference import InferenceSettings, predict
-
-    torch.manual_seed(0)
-    model = torch.nn.Conv2d(3, 4, 1).eval()  # no spatial context: every window sees the same logits
-    image = torch.randn(1, 3, 37, 53)
-    whole = predict(model, image, (37, 53), InferenceSettings(mode="whole"))
-    slide = predict(model, image, (37, 53), InferenceSettings(mode="slide", crop=(16, 24), stride=(11, 13)))
-    assert torch.equal(whole, slide)
-    bigger = predict(model, image, (74, 106), InferenceSettings(mode="whole"))
-    assert bigger.shape == (1, 74, 106)  # logits resized to the label's size before argmax
-
-
-def test_ms_flip_averages_probabilities():
-    from ocr_cluster.train.inference import InferenceSettings, predict
-
-    class LeftRight(torch.nn.Module):  # class 1 on the left half, class 0 on the right: flip-sensitive
-        def forward(self, x):
-            logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
-            logits[:, 1, :, : x.shape[-1] // 2] = 1.0
-            return logits
-
-    image = torch.zeros(1, 3, 8, 8)
-    single = predict(LeftRight(), image, (8, 8), InferenceSettings())
-    assert single[0, 0, 0] == 1 and single[0, 0, -1] == 0
-    flipped = predict(LeftRight(), image, (8, 8), InferenceSettings(ms_ratios=(1.0,), flip=True))
-    # each pixel is class 1 (p 0.73) in one view and a 0.5 tie in the other: the average says 1 everywhere
-    assert flipped.unique().tolist() == [1]
 
 
 @pytest.mark.parametrize("overrides, world, micro, accum", [

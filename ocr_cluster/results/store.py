@@ -11,7 +11,8 @@ Readers see a whole file or nothing; names starting with '.' (temp files) or '_'
 Reading lists the files (the listing is the truth), then parses them. Parsing costs ~0.5 ms a file,
 so 10,000 files would take seconds; the index is a snapshot of rows already read, keyed by file.
 Because files are immutable, an index row is valid for as long as its file is still listed; rows of
-files the index lacks are read directly, and a read that had to parse many writes a new index.
+files the index lacks are read directly, and a read that had to parse many writes a new index. An
+index without every current column (written by an older version) is not used.
 
 A store exists (`require_store`, checked by the `results` commands) when its directory exists on a
 local filesystem, or, on an object store, when its bucket exists and at least one object lies under its
@@ -283,13 +284,16 @@ def _read_index(fs, root: str) -> pa.Table | None:
         if not files:
             return None
         try:
-            return _align([pq.read_table(pa.BufferReader(fs.cat_file(files[-1])))])
+            table = pq.read_table(pa.BufferReader(fs.cat_file(files[-1])))
         except FileNotFoundError:
             continue
         except Exception as exc:  # noqa: BLE001 - a bad index only costs speed
             warnings.warn(f"ignoring unreadable results index {files[-1]}: {exc}", UnreadableFileWarning,
                           stacklevel=3)
             return None
+        if set(READ_SCHEMA.names) - set(table.column_names):
+            return None  # an older version's index: its rows lack columns the files themselves may hold
+        return _align([table])
     return None
 
 

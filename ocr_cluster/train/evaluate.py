@@ -29,7 +29,8 @@ def run_eval(cfg: config_mod.Config, checkpoint: str, *, ms_flip: bool = False, 
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(target).eval()
     metric = IoUMetric(num_classes)
-    settings = InferenceSettings.from_config(cfg.evaluation, model.final_head.align_corners, ms_flip=ms_flip, mode=mode)
+    settings = InferenceSettings.from_config(cfg.evaluation, model.final_head.align_corners, ms_flip=ms_flip, mode=mode,
+                                             scale=cfg.data.scale)
     evaluate(model, iter_eval(cfg.data, manifest=manifest), metric, settings, target)
     return metric.compute(), list(manifest.classes)
 

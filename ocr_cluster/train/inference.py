@@ -1,5 +1,11 @@
 """Test-time inference as mmseg does it: whole or slide windows, optional multi-scale + flip,
 logits resized to the original label size, then argmax; and mmseg's fps measurement.
+
+Multi-scale sizes follow mmseg 0.x's MultiScaleFlipAug (the seeds' ms+flip numbers come from 0.x): at
+ratio r the ORIGINAL image is rescaled, keeping its ratio, into the test scale times r, i.e. r times the
+test-resized size. mmseg 1.x's TestTimeAug instead scales the original size by r (the same only where
+the test resize keeps the size, e.g. Cityscapes at 2048x1024). The view itself is a bilinear resample
+of the (already test-resized, normalised) image, where 0.x resized the original uint8 image with cv2.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ocr_cluster.config import EvaluationSection, parse_size
+from ocr_cluster.data.transforms import rescale_size
 from ocr_cluster.train.metrics import IoUMetric
 
 
@@ -23,12 +30,24 @@ class InferenceSettings:
     ms_ratios: tuple[float, ...] = ()        # empty = single scale
     flip: bool = False
     align_corners: bool = False
+    scale: tuple[int, int] | None = None     # the data's test scale (data.scale), for the ms sizes
 
     @classmethod
     def from_config(cls, cfg: EvaluationSection, align_corners: bool, ms_flip: bool = False,
-                    mode: str | None = None) -> InferenceSettings:
+                    mode: str | None = None, scale: str | None = None) -> InferenceSettings:
         return cls(mode=mode or cfg.mode, crop=parse_size(cfg.slide_crop), stride=parse_size(cfg.slide_stride),
-                   ms_ratios=tuple(cfg.ms_ratios) if ms_flip else (), flip=ms_flip, align_corners=align_corners)
+                   ms_ratios=tuple(cfg.ms_ratios) if ms_flip else (), flip=ms_flip, align_corners=align_corners,
+                   scale=parse_size(scale) if scale else None)
+
+
+def scaled_size(image_hw: tuple[int, int], out_hw: tuple[int, int], ratio: float,
+                scale: tuple[int, int] | None) -> tuple[int, int]:
+    """(h, w) of the view at `ratio`, as mmseg 0.x: the original (out_hw) rescaled into (int(W*r), int(H*r))
+    of the test scale with mmcv's rescale_size. Without a scale: the given image's size times r."""
+    if scale is None:
+        return int(image_hw[0] * ratio + 0.5), int(image_hw[1] * ratio + 0.5)
+    w, h = rescale_size(out_hw[1], out_hw[0], (int(scale[0] * ratio), int(scale[1] * ratio)))
+    return h, w
 
 
 def _slide(model: torch.nn.Module, image: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
@@ -61,16 +80,16 @@ def predict(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, in
     """Class map (B, H, W) at `out_size` for a normalised (B, 3, h, w) image; `model` in eval mode.
 
     Single scale: logits resized to out_size, argmax (mmseg whole/slide inference). Multi-scale + flip:
-    softmax probabilities averaged over every ratio (of the given image's size) and both flips.
+    softmax probabilities averaged over every ratio (sizes per `scaled_size`) and both flips, each view's
+    logits flipped back and resized to out_size first (mmseg's SegTTAModel and 0.x aug_test alike).
     """
     if not settings.ms_ratios:
         return F.interpolate(_logits(model, image, settings).float(), size=out_size, mode="bilinear",
                              align_corners=settings.align_corners).argmax(1)
-    _, _, h, w = image.shape
     probs = None
     for ratio in settings.ms_ratios:
-        scaled = F.interpolate(image, size=(int(h * ratio + 0.5), int(w * ratio + 0.5)), mode="bilinear",
-                               align_corners=False)
+        size = scaled_size(tuple(image.shape[-2:]), out_size, ratio, settings.scale)
+        scaled = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         for flip in ((False, True) if settings.flip else (False,)):
             x = scaled.flip(-1) if flip else scaled
             logits = _logits(model, x, settings).float()

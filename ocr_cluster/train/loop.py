@@ -72,7 +72,8 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
         for buffer in bare.buffers():
             torch.distributed.broadcast(buffer, src=0)
     metric = IoUMetric(manifest.num_classes)
-    settings = InferenceSettings.from_config(cfg.evaluation, bare.final_head.align_corners, ms_flip=ms_flip)
+    settings = InferenceSettings.from_config(cfg.evaluation, bare.final_head.align_corners, ms_flip=ms_flip,
+                                             scale=cfg.data.scale)
     stats = Stats()
     evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest, stats=stats), metric,
              settings, device, dtype)
