@@ -77,7 +77,11 @@ def test_verbose_shows_rays_lines_too(tmp_path, synth):
     assert re.search(r"\] iter 4/4 \| loss", text), text
     assert "Reporting training result" in text and "(RayTrainWorker pid=" in text, text
     # Fixed, not filtered: Ray Train's placement-group cleaner reaches the State API of the local cluster.
-    assert "Failed to query Ray Train Controller" not in text and "Traceback" not in text, text
+    assert "Failed to query Ray Train Controller" not in text, text
+    # Under CPU load Ray Train may log a transient "Failed to send resource request" with its traceback;
+    # in verbose mode that is Ray's own line to show. Any other traceback is a failure.
+    tracebacks = text.count("Traceback")
+    assert tracebacks == text.count("Failed to send resource request"), text
 
 
 @pytest.mark.parametrize("value, verbose", [("", False), ("0", False), ("no", False), ("1", True),
