@@ -2,11 +2,12 @@
 
 - `ray_cluster`: a Ray head on 127.0.0.1 (own ports and temp dir, capped object store, token auth with
   a token of its own, exported to this process), reachable by `ray job submit` at
-  `ray_cluster.dashboard_url` and by `ray.init(ray_cluster.address)`.
+  `ray_cluster.dashboard_url` and by `ray.init(ray_cluster.address)`. It has no S3 credentials of its own:
+  a job that needs them passes them in its runtime env.
 - `s3`: moto's S3 server on 127.0.0.1 with a bucket; the AWS variables point at it for the test, and
   `s3.url("name")` gives a fresh s3:// prefix.
 - `slurm`: a single-node SLURM cluster (slurmctld + slurmd + munge) with SLURM_CONF set for the test.
-- `bare_ray_node` (per module): a second Ray head whose Python has every dependency but not this package,
+- `bare_ray_node` (once per session): a second Ray head whose Python has every dependency but not this package,
   as a fresh cluster node, with S3 credentials of its own (planted, distinctive) in its environment.
 
 With CI=true a service that cannot start fails the tests that need it; elsewhere they skip with the reason.
@@ -83,10 +84,22 @@ class Slurm:
     env: dict[str, str]
 
 
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FSSPEC_S3", "AWS_PROFILE")
+
+
+def _start_without_credentials():
+    """services.start_ray with whatever S3 credentials this process has kept from the head."""
+    saved = {key: os.environ.pop(key) for key in CREDENTIAL_VARS if key in os.environ}
+    try:
+        return services.start_ray()
+    finally:
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The shared Ray head. Its auth token is exported to this process for `ray.init(address=...)`."""
-    service = _start("the Ray head", services.start_ray)
+    service = _start("the Ray head", _start_without_credentials)
     saved = {key: os.environ.get(key) for key in service.env}
     os.environ.update(service.env)
     yield RayCluster(service.info["address"], service.info["dashboard_url"], service.env)
@@ -124,7 +137,7 @@ def _python_without_this_package(root: Path) -> str:
     return python
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bare_ray_node(_s3_service):
     """A Ray head as a fresh cluster node: no ocr_cluster installed, S3 credentials in its own environment."""
     root = Path(tempfile.mkdtemp(prefix="ocr_bare_", dir="/tmp"))

@@ -49,7 +49,7 @@ def test_round_trip_layout_and_config(tmp_path):
     parts = rel.split(os.sep)
     assert parts[:3] == ["dataset=cityscapes", "sweep=ablation%20a%2Fb", f"run_id={cfg.run_id}"]
     assert parts[3].startswith("attempt-000-") and parts[3].endswith(".parquet")
-    assert pq.read_schema(uri).metadata[b"ocr_cluster.schema_version"] == b"2"
+    assert pq.read_schema(uri).metadata[b"ocr_cluster.schema_version"] == b"3"
 
     (got,) = read_runs(str(tmp_path)).to_pylist()
     assert got["run_id"] == cfg.run_id and got["sweep"] == "ablation a/b" and got["file"] == "/".join(parts)
@@ -159,6 +159,7 @@ def test_old_file_missing_new_columns_still_reads(tmp_path):
     assert runs["rold"]["miou"] == 80.7 and runs["rold"]["batch_size"] == 8
     assert runs["rold"]["aacc"] is None and runs["rold"]["iou_per_class"] is None and runs["rold"]["attempt"] is None
     assert runs["rold"]["skipped_samples"] is None  # a column added in schema version 2
+    assert runs["rold"]["total_time_s"] is None  # and one of version 3
     assert read_runs(store).schema.names == SCHEMA.names + ["file"]
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -51,27 +52,31 @@ def synth_uri(_s3_service):
 BAD_KEYS = ("train_000005", "val_000001")
 
 
-@pytest.fixture(scope="module")
-def bad_synth_uri(_s3_service):
-    """The same tiny dataset with one undecodable image in train and one in val (BAD_KEYS)."""
+def write_synth_with_bad(service, uri: str, bad_keys: tuple[str, ...]) -> str:
+    """The tiny synthetic dataset at `uri` with an undecodable image at each of `bad_keys`."""
     from ocr_cluster.data import codec
     from ocr_cluster.data.shards import DatasetWriter
     from ocr_cluster.data.synth import SynthSpec, class_names, palette, render
 
     spec = SynthSpec(**SPEC_ARGS)
-    uri = f"s3://{_s3_service.info['bucket']}/train-job/bad-synth"
-    with _s3_env(_s3_service):
+    with _s3_env(service):
         writer = DatasetWriter(uri, name="synthetic", dataset="synthetic", classes=class_names(spec.classes),
                                palette=palette(spec.classes))
         for split, count in (("train", spec.num_train), ("val", spec.num_val)):
             for index in range(count):
                 key = f"{split}_{index:06d}"
                 image, label = render(spec, split, index)
-                data = codec.encode_image(image, spec.image_format) if key not in BAD_KEYS else b"not an image"
+                data = codec.encode_image(image, spec.image_format) if key not in bad_keys else b"not an image"
                 writer.add(split, key, data, codec.encode_label(label), label_array=label, height=64, width=64,
                            image_format=spec.image_format)
         writer.close()
     return uri
+
+
+@pytest.fixture(scope="module")
+def bad_synth_uri(_s3_service):
+    """The same tiny dataset with one undecodable image in train and one in val (BAD_KEYS)."""
+    return write_synth_with_bad(_s3_service, f"s3://{_s3_service.info['bucket']}/train-job/bad-synth", BAD_KEYS)
 
 
 def tiny_job(tmp_path: Path, s3, synth_uri: str, **sections) -> tuple[Path, str]:
@@ -130,8 +135,11 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert row["skipped_samples"] == 0
     assert storage.exists(row["checkpoint_uri"])  # the final checkpoint is on S3
     assert "testing" not in json.dumps(row, default=str)  # no credential in the row
-    tensorboard = storage.list_files(f"{root}/runs/{row['run_id']}/tensorboard")
-    assert any("events.out.tfevents" in p for p in tensorboard)
+    assert row["total_time_s"] == row["train_time_s"] > 0  # one attempt: the run's time is its time
+    assert row["started_at"] < row["finished_at"]
+    events = tensorboard_events(f"{root}/runs/{row['run_id']}/tensorboard")
+    assert len(events) == 1 and all(b"train/loss" in data for data in events.values())
+    assert staged_tensorboard(row["run_id"]) == []
 
     # The final checkpoint evaluates to the reported mIoU through `ocr-cluster eval`.
     env = {**os.environ, **s3.env}
@@ -145,6 +153,20 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert "already completed" in again.stdout
     assert "iter 2/6" not in again.stdout
     assert [r["status"] for r in store_rows(f"{root}/results")] == ["completed"]
+
+
+def tensorboard_events(uri: str) -> dict[str, bytes]:
+    """The TensorBoard event files under `uri`, read."""
+    fs = storage.filesystem(uri)[0]
+    fs.invalidate_cache()
+    return {path: fs.cat_file(path) for path in storage.list_files(uri) if "events.out.tfevents" in path}
+
+
+def staged_tensorboard(run_id: str) -> list[str]:
+    """What the run left in the temp dir (the workers' TMPDIR: the test head started in this session's),
+    two levels down: where TensorBoard events were staged."""
+    top = Path(tempfile.gettempdir())
+    return [str(p) for p in [*top.glob("*"), *top.glob("*/*")] if run_id in p.name]
 
 
 def test_skipped_bad_samples_are_counted_in_the_row(ray_cluster, s3, bad_synth_uri, tmp_path):
@@ -185,8 +207,8 @@ def _kill_a_worker_after_first_checkpoint(ray_cluster, checkpoints: str, killed:
         time.sleep(0.5)
     pids = _alive_train_workers(ray_cluster) if not stop.is_set() else []
     if pids:
+        killed.append(time.time())
         os.kill(max(pids), signal.SIGKILL)
-        killed.append(max(pids))
 
 
 def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_path, monkeypatch):
@@ -195,7 +217,7 @@ def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_
     job, root = tiny_job(tmp_path, s3, synth_uri, schedule={"iters": 60, "checkpoint_interval": 4,
                                                             "log_interval": 4},
                          evaluation={"interval": 60, "fps_images": 6})
-    killed: list[int] = []
+    killed: list[float] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
                               args=(ray_cluster, f"{root}/runs", killed, stop), daemon=True)
@@ -211,7 +233,14 @@ def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_
     assert "resumed from the checkpoint at iteration" in log
     resumed_at = int(log.split("resumed from the checkpoint at iteration ")[1].split()[0])
     assert 4 <= resumed_at < 60
-    assert [r["status"] for r in store_rows(f"{root}/results")] == ["completed"]
+    (row,) = store_rows(f"{root}/results")
+    assert row["status"] == "completed"
+    # The run's accounting covers both attempts: the first's time up to its checkpoint, then the second's.
+    assert row["started_at"].timestamp() < killed[0] < row["finished_at"].timestamp()
+    assert row["total_time_s"] > row["train_time_s"] > 0
+    # Each attempt's TensorBoard events are kept: the killed one's as of its checkpoint, none overwritten.
+    events = tensorboard_events(f"{root}/runs/{row['run_id']}/tensorboard")
+    assert len(events) >= 2 and all(b"train/loss" in data for data in events.values()), sorted(events)
 
 
 @pytest.mark.parametrize("case", ["unknown backbone", "missing dataset", "unreachable endpoint",

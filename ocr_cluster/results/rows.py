@@ -19,6 +19,7 @@ import ocr_cluster
 from ocr_cluster.results import names
 from ocr_cluster.results.errors import ResultsError
 from ocr_cluster.results.schema import COLUMNS, PERCENT_COLUMNS, REQUIRED, SCHEMA, SCHEMA_VERSION, STATUSES
+from ocr_cluster.train.clock import gpu_hours
 from ocr_cluster.train.layout import RunLayout
 
 
@@ -187,8 +188,9 @@ def checked_row(row: dict[str, Any], *, written_at: dt.datetime | None = None) -
     for key in ("started_at", "finished_at"):
         out[key] = _timestamp(out[key], key)
     out["written_at"] = written_at or dt.datetime.now(dt.timezone.utc)
-    if out["gpu_hours"] is None and out["train_time_s"] is not None and out["num_gpus"]:
-        out["gpu_hours"] = out["train_time_s"] * out["num_gpus"] / 3600.0
+    if out["gpu_hours"] is None:  # over all attempts where known; a CPU run has none
+        seconds = out["total_time_s"] if out["total_time_s"] is not None else out["train_time_s"]
+        out["gpu_hours"] = gpu_hours(seconds, out["num_gpus"])
     for key in PERCENT_COLUMNS:
         value = out[key]
         if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 100.0):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: skipped_samples
+SCHEMA_VERSION = 3  # 2: skipped_samples; 3: total_time_s
 
 STATUSES = ("completed", "failed")
 
@@ -43,8 +43,8 @@ SCHEMA = pa.schema([
     # cost
     ("mem_gb", pa.float64()),             # peak torch.cuda.max_memory_allocated in training
     ("fps", pa.float64()),                # inference images/s, batch 1
-    ("train_time_s", pa.float64()),
-    ("gpu_hours", pa.float64()),
+    ("train_time_s", pa.float64()),       # this attempt's training time (the whole run's is total_time_s)
+    ("gpu_hours", pa.float64()),          # total_time_s (train_time_s before version 3) x num_gpus; null on CPU
     ("num_nodes", pa.int32()),
     ("num_gpus", pa.int32()),
     ("device", pa.string()),              # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
@@ -58,11 +58,15 @@ SCHEMA = pa.schema([
     ("ocr_cluster_version", pa.string()),
     ("torch_version", pa.string()),
     ("ray_version", pa.string()),
-    ("started_at", UTC_US),
+    ("started_at", UTC_US),               # the run's first attempt's training start (before version 3: this attempt's)
     ("finished_at", UTC_US),
     ("written_at", UTC_US),
     # data (version 2)
     ("skipped_samples", pa.int64()),      # bad samples skipped (data.skip_bad_samples), each counted once
+    # run accounting (version 3)
+    ("total_time_s", pa.float64()),       # training seconds over all attempts (train/clock.py): each attempt's up
+                                          # to the checkpoint the next one resumed from, plus the last attempt's;
+                                          # a crashed attempt's seconds after its last checkpoint are not known
 ], metadata={"ocr_cluster.schema_version": str(SCHEMA_VERSION)})
 
 COLUMNS = tuple(SCHEMA.names)

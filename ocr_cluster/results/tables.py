@@ -60,6 +60,11 @@ SEED_COLUMNS = [
 ]
 # The seeds' ResNet tables add it after Crop Size; we do when a table's batch sizes differ.
 BATCH_COLUMN = Column("batch_size", "Batch Size", str, True)
+# After Lr schd, when two rows of one cell would otherwise read alike: the seed where they differ in it,
+# the run id where they do not (another setting, a sweep).
+CELL_KEYS = ("head", "backbone", "crop_size", "batch_size", "iters")
+SEED_COLUMN = Column("seed", "Seed", str, True)
+RUN_COLUMN = Column("run_id", "Run")
 PUBLISHED_COLUMNS = [
     Column("published_miou", "Published mIoU", _published, True),
     Column("delta_miou", "Δ mIoU", _signed, True),
@@ -69,7 +74,7 @@ PUBLISHED_COLUMNS = [
 ]
 # What CSV and JSON carry for each run (raw values).
 MACHINE_KEYS = ["run_id", "dataset", "sweep", "method", "backbone", "head", "crop_size", "batch_size", "iters",
-                "mem_gb", "fps", "miou", "miou_msflip", "aacc", "macc", "num_gpus", "device", "status"]
+                "seed", "mem_gb", "fps", "miou", "miou_msflip", "aacc", "macc", "num_gpus", "device", "status"]
 PUBLISHED_KEYS = ["published_miou", "delta_miou", "published_miou_msflip", "delta_miou_msflip",
                   "published_source", "published_reference"]
 # Seed header names for fields used in pivots.
@@ -115,6 +120,20 @@ def _add_published(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _repeat_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    """Seed and/or Run columns for the cells with more than one row (none when every cell has one)."""
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault(tuple(row.get(k) for k in CELL_KEYS), []).append(row)
+    repeated = [cell for cell in cells.values() if len(cell) > 1]
+    out = []
+    if any(len({r.get("seed") for r in cell}) > 1 for cell in repeated):
+        out.append(SEED_COLUMN)
+    if any(len({r.get("seed") for r in cell}) < len(cell) for cell in repeated):
+        out.append(RUN_COLUMN)
+    return out
+
+
 def seeds_tables(runs: list[dict[str, Any]], compare_published: bool = False) -> list[Table]:
     """One table per dataset in the seeds' layout, one row per run."""
     tables = []
@@ -122,8 +141,9 @@ def seeds_tables(runs: list[dict[str, Any]], compare_published: bool = False) ->
         rows = [r | {"method": r.get("method") or names.method(r.get("head"))}
                 for r in runs if r["dataset"] == dataset]
         rows.sort(key=lambda r: [_order(k, r.get(k)) for k in ("head", "iters", "backbone", "crop_size",
-                                                                   "batch_size", "run_id")])
+                                                                   "batch_size", "seed", "run_id")])
         columns = list(SEED_COLUMNS)
+        columns[4:4] = _repeat_columns(rows)
         if len({r.get("batch_size") for r in rows}) > 1:
             columns.insert(3, BATCH_COLUMN)
         keys = list(MACHINE_KEYS)

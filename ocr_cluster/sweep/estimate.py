@@ -2,7 +2,8 @@
 
 A cell's seconds per iteration come from, in order:
 1. completed rows in the results store with the same backbone, head, crop, batch per device and device
-   (train_time_s / iters; the median when several match);
+   (total_time_s / iters, the run's time over all attempts, or train_time_s for older rows; the median
+   when several match);
 2. TRAIN_SPEEDS below, measured figures the training benchmarks are to fill;
 3. nothing: the estimate is unknown ("?").
 GPU-hours = seconds per iteration x iters x GPUs / 3600. A CPU cell uses no GPU-hours; its wall-clock
@@ -73,14 +74,15 @@ def speeds_from_rows(rows: Iterable[dict[str, Any]]) -> list[Speed]:
     """A Speed per completed row that measured its training time."""
     out = []
     for row in rows:
-        if row.get("status") != "completed" or not row.get("train_time_s") or not row.get("iters"):
+        seconds = row.get("total_time_s") or row.get("train_time_s")  # all attempts', where the row has it
+        if row.get("status") != "completed" or not seconds or not row.get("iters"):
             continue
         if not (row.get("backbone") and row.get("head") and row.get("crop_size") and row.get("device")):
             continue
         per_device = _row_per_device_batch(row)
         if per_device:
             out.append(Speed(row["backbone"], row["head"], row["crop_size"], per_device, row["device"],
-                             row["train_time_s"] / row["iters"], f"run {row['run_id']}"))
+                             seconds / row["iters"], f"run {row['run_id']}"))
     return out
 
 

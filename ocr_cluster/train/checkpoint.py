@@ -3,7 +3,8 @@
 
     model.pt   this project's model checkpoint format (ocr_cluster.models.convert): loadable by
                `ocr-cluster eval --checkpoint`, `models convert` and `model.pretrained`
-    state.pt   optimizer state, iteration, the AMP scaler, RNG states
+    state.pt   optimizer state, iteration, the AMP scaler, RNG states, and the run's clock (train/clock.py:
+               when its first attempt started, its training seconds over all attempts so far)
 
 The LR schedule is a function of the iteration and the config, so the iteration is its whole state.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ocr_cluster.models.convert import checkpoint_dict, load_checkpoint
+from ocr_cluster.train.clock import SECONDS_KEY, STARTED_KEY
 from ocr_cluster.train.layout import MODEL_FILE, STATE_FILE
 
 
@@ -27,7 +29,8 @@ def _numpy_state() -> list:
 
 
 def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
-         meta: dict, scaler: torch.amp.GradScaler | None = None) -> Path:
+         meta: dict, scaler: torch.amp.GradScaler | None = None, clock: dict | None = None) -> Path:
+    """`clock`: the run's clock state (RunClock.state()), so that a resumed attempt adds to its time."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     bare = getattr(model, "module", model)
@@ -38,6 +41,7 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(),
                 "python": list(random.getstate()[1])},
+        **(clock or {}),
     }
     # Write then rename, so an upload never picks up a half-written state file.
     tmp = directory / f".{STATE_FILE}.tmp"
@@ -47,8 +51,9 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scaler: torch.amp.GradScaler | None = None, restore_rng: bool = True) -> int:
-    """Restore model, optimizer and scaler in place; returns the iteration to continue from."""
+         scaler: torch.amp.GradScaler | None = None, restore_rng: bool = True) -> tuple[int, dict]:
+    """Restore model, optimizer and scaler in place; returns the iteration to continue from and the run's
+    clock state as of the checkpoint (for RunClock.start; empty for a checkpoint written without one)."""
     directory = Path(directory)
     load_checkpoint(getattr(model, "module", model), str(directory / MODEL_FILE), strict=True)
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
@@ -60,4 +65,4 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
         keys, pos = state["rng"]["numpy"]
         np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), int(pos), 0, 0.0))
         random.setstate((3, tuple(state["rng"]["python"]), None))
-    return int(state["iteration"])
+    return int(state["iteration"]), {key: state[key] for key in (STARTED_KEY, SECONDS_KEY) if key in state}

@@ -136,20 +136,84 @@ def preflight(cfg: Config) -> RunStart:
     return RunStart(layout, num_classes, manifest, latest_checkpoint_iter(layout))
 
 
+def _cluster_address(cfg: Config) -> str | None:
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def joined_runtime_env() -> dict:
+    """What a driver that joins a cluster itself gives its workers, as `ray job submit` with the README's
+    runtime env would: this package (nodes need only its dependencies) and the object-store settings of
+    python -m ocr_cluster.runtime_env (endpoint, region, profile name; never credentials). Nothing inside a
+    submitted job: it has its runtime env already, and Ray refuses a second value for a variable."""
+    import ocr_cluster
+    from ocr_cluster import runtime_env
+
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the job's driver
+        return {}
+    return {"py_modules": [os.path.dirname(os.path.abspath(ocr_cluster.__file__))], "excludes": ["__pycache__"],
+            "env_vars": runtime_env.build(None)["env_vars"]}
+
+
 def connect_ray(cfg: Config, layout: RunLayout) -> None:
     """Join the cluster this runs in (cluster.address or RAY_ADDRESS), or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = _cluster_address(cfg)
     if address:
-        ray.init(address=address, **logs.ray_init_options(local=False))
+        options = logs.ray_init_options(local=False)
+        joined = joined_runtime_env()
+        if joined:
+            env = options.setdefault("runtime_env", {})
+            env.update({**joined, "env_vars": {**env.get("env_vars", {}), **joined["env_vars"]}})
+        ray.init(address=address, **options)
         return
     workers_cpus = layout.world * cfg.cluster.cpus_per_worker
     # Logical CPUs beyond the workers' share, so Ray Data's read and decode tasks can run beside them.
     num_cpus = max(os.cpu_count() or 1, int(workers_cpus) + 2)
     ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **logs.ray_init_options(local=True))
+
+
+def _node_reads(uri: str) -> str | None:
+    """Run on a cluster node: None when `uri` is there to read, else why not, in one line."""
+    try:
+        return None if storage.exists(uri) else f"{uri} not found"
+    except Exception as exc:  # noqa: BLE001 - credentials, endpoint: the reason, not a traceback
+        return _reason(exc)
+
+
+CLUSTER_CHECK_TIMEOUT_S = 60
+
+
+def check_cluster_storage(cfg: Config) -> None:
+    """On a cluster this driver joined: a node must read the dataset as the workers will (their own
+    credentials, the settings passed on), or a TrainSetupError with one line says how to fix it. The
+    driver's own checks ran with its environment, which the nodes do not share."""
+    import ray
+
+    from ocr_cluster.data.shards import manifest_uri
+
+    if not _cluster_address(cfg) or not storage.is_remote(cfg.data.uri):
+        return
+    target = manifest_uri(cfg.data.uri)
+    probe = ray.remote(num_cpus=0.01, max_retries=0)(_node_reads).remote(target)
+    try:
+        why = ray.get(probe, timeout=CLUSTER_CHECK_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(probe, force=True)
+        print(f"note: no cluster node was free to check {cfg.data.uri} within {CLUSTER_CHECK_TIMEOUT_S} s; "
+              "going on", flush=True)
+        return
+    except Exception as exc:  # noqa: BLE001 - the probe did not run on the node (no package, setup failed)
+        cause = getattr(exc, "cause", None) or exc
+        raise TrainSetupError(f"a task on the cluster could not check {cfg.data.uri}: {_reason(cause)}") from None
+    if why:
+        raise TrainSetupError(
+            f"the cluster's nodes cannot read {cfg.data.uri} ({why}): give every node credentials (exported "
+            "before `ray start`, an ~/.aws profile named by AWS_PROFILE, or an instance role), or submit with "
+            "`ray job submit --runtime-env-json \"$(python -m ocr_cluster.runtime_env --with-secrets)\"` "
+            "(README: Object storage)")
 
 
 def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
@@ -202,6 +266,7 @@ def run(cfg: Config) -> int:
         print("note: no model.pretrained_backbone: training from random initialisation; the published "
               "numbers start from ImageNet weights", flush=True)
     connect_ray(cfg, layout)
+    check_cluster_storage(cfg)
     skip_counter = None
     if cfg.data.skip_bad_samples:  # the training stream's skips, counted by its Ray Data tasks
         from ocr_cluster.data.pipeline import SkipCounter

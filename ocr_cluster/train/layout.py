@@ -3,7 +3,7 @@ where everything of the run lives.
 
     <storage.checkpoint_uri>/<run_id>/              Ray Train's RunConfig(storage_path, name)
         checkpoint_iter=NNNNNNN/model.pt, state.pt  one per checkpoint (train/checkpoint.py)
-        tensorboard/                                rank 0's TensorBoard event files
+        tensorboard/                                rank 0's TensorBoard event files, one per attempt
 
 Plain Python, no ray or torch: the driver, the worker loop, the result row and a sweep planner share it.
 """

@@ -26,6 +26,7 @@ from ocr_cluster.data.pipeline import Stats, iter_eval, open_dataset, torch_batc
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
 from ocr_cluster.train import checkpoint
+from ocr_cluster.train.clock import RunClock
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
 from ocr_cluster.train.layout import RunLayout, checkpoint_dir
 from ocr_cluster.train.losses import segmentation_loss
@@ -85,11 +86,12 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
 def train_fn_per_worker(loop_config: dict) -> None:
     logs.train_worker()
     trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"))
-    started = trainer.start()
-    for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
-        lr = trainer.train_step(it)
-        trainer.after_step(it + 1, lr)
-    trainer.finish(started)
+    with trainer.progress:  # rank 0's TensorBoard events are uploaded at the end, also when the run fails
+        clock = trainer.start()
+        for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
+            lr = trainer.train_step(it)
+            trainer.after_step(it + 1, lr)
+        trainer.finish(clock)
 
 
 class Trainer:
@@ -110,6 +112,7 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         resume = ray.train.get_checkpoint()
+        self.resumed_clock: dict | None = None  # the run's clock as of the checkpoint resumed from
         model = self._build_model(fresh=resume is None)
         self.loss_weights = dict(model.loss_weights)
         self.model = ray.train.torch.prepare_model(model)
@@ -149,21 +152,21 @@ class Trainer:
     def _resume(self, resume: ray.train.Checkpoint) -> int:
         """Model, optimizer, scaler (and rank 0's RNG state) from the checkpoint; the iteration to continue at."""
         with resume.as_directory() as directory:
-            start_iter = checkpoint.load(directory, self.model, self.optimizer, self.scaler,
-                                         restore_rng=self.rank == 0)
+            start_iter, self.resumed_clock = checkpoint.load(directory, self.model, self.optimizer, self.scaler,
+                                                             restore_rng=self.rank == 0)
         if self.rank != 0:
             torch.manual_seed(worker_seed(self.cfg.run.seed, self.rank, resumed_at=start_iter))
         else:
             say(f"[{self.layout.run_id}] resumed from the checkpoint at iteration {start_iter}")
         return start_iter
 
-    def start(self) -> float:
-        """Training mode, peak-memory counter reset; returns the start time."""
+    def start(self) -> RunClock:
+        """Training mode, peak-memory counter reset; returns the run's clock, started for this attempt."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        started = time.time()
+        self.clock = RunClock.start(self.resumed_clock)
         self.model.train()
-        return started
+        return self.clock
 
     def _next_batch(self, it: int) -> dict:
         wait_start = time.perf_counter()
@@ -208,16 +211,19 @@ class Trainer:
             metrics.update({"mIoU": scores["mIoU"], "mAcc": scores["mAcc"], "aAcc": scores["aAcc"]})
             self.progress.evaluated(done, scores)
         if due_ckpt:
-            report(self.model, self.optimizer, self.scaler, done, metrics, self.meta, self.rank)
+            self.progress.upload()  # first: a killed attempt keeps the events up to its last checkpoint
+            report(self.model, self.optimizer, self.scaler, done, metrics, self.meta, self.rank,
+                   clock=self.clock.state())
 
     def evaluate(self, ms_flip: bool = False) -> dict:
         return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device, self.dtype,
                               ms_flip=ms_flip)
 
-    def finish(self, started: float) -> None:
+    def finish(self, clock: RunClock) -> None:
         """The end of the run: ms+flip, speed and memory as mmseg's README columns, then the result row."""
         cfg, device = self.cfg, self.device
-        train_time = time.time() - started
+        now = time.time()
+        train_time, total_time = clock.attempt_s(now), clock.total_s(now)
         scores = self.progress.last_scores or self.evaluate()
         ms_scores = self.evaluate(ms_flip=True) if cfg.evaluation.ms_flip else None
         if self.rank == 0:
@@ -229,10 +235,9 @@ class Trainer:
             fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
             mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
             write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
-                            mem_gb=mem_gb, train_time_s=train_time,
-                            started_at=dt.datetime.fromtimestamp(started, dt.timezone.utc),
+                            mem_gb=mem_gb, train_time_s=train_time, total_time_s=total_time,
+                            started_at=dt.datetime.fromtimestamp(clock.started_at, dt.timezone.utc),
                             num_nodes=self.num_nodes, skipped_samples=skipped)
-        self.progress.close()
 
     def skipped_samples(self, scores: dict) -> int:
         """Bad samples skipped: the training stream's (each counted once, though read every epoch) and the
@@ -241,12 +246,13 @@ class Trainer:
         return train + scores["skipped"]
 
 
-def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank: int) -> None:
+def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank: int,
+           clock: dict | None = None) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint, uploaded before this returns."""
     directory = None
     if rank == 0:
         directory = Path(tempfile.mkdtemp(prefix="ocr_ckpt_"))
-        checkpoint.save(directory, model, optimizer, done, meta, scaler)
+        checkpoint.save(directory, model, optimizer, done, meta, scaler, clock=clock)
     try:
         ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir(done))

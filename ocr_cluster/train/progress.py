@@ -1,14 +1,20 @@
 """The live log line and TensorBoard scalars of a training run (rank 0 prints and writes).
 
     [r3f9c2a1b7d0] iter 120/1000 | loss 0.812 (decode 0.611, aux 0.502) | lr 9.01e-03 | 14.2 img/s | data 12% | eta 3m05s
+
+On object storage the events are staged in a temp dir of this attempt's own and uploaded to the run's
+tensorboard/ at every checkpoint (upload()) and at the end, also when the run fails (close(), through
+`with progress:`). Each attempt writes its own events file (tensorboardX names it by time and host, and the
+pid is added), so no attempt overwrites another's; TensorBoard reads them all as one run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,17 +47,16 @@ class Progress:
         self.count = 0
         self.last_loss = 0.0
         self.last_scores: dict | None = None
+        self.staging: str | None = None  # the attempt's own local dir for events bound for object storage
         self.writer = self._tensorboard() if rank == 0 else None
 
     def _tensorboard(self):
         from tensorboardX import SummaryWriter
 
-        # Written locally; on remote storage uploaded to the run's tensorboard directory at close().
         uri = self.layout.tensorboard_uri
-        local = storage.local_path(uri) if not storage.is_remote(uri) \
-            else os.path.join(os.environ.get("TMPDIR", "/tmp"), "ocr_cluster_tensorboard", self.run_id)
-        self.tb_dir = local
-        return SummaryWriter(local)
+        if storage.is_remote(uri):
+            self.staging = tempfile.mkdtemp(prefix=f"ocr_tb_{self.run_id}_")  # under TMPDIR
+        return SummaryWriter(self.staging or storage.local_path(uri), filename_suffix=f".{os.getpid()}")
 
     def data_wait(self, seconds: float) -> None:
         self.window_wait += seconds
@@ -95,11 +100,36 @@ class Progress:
             for key in ("mIoU", "mAcc", "aAcc"):
                 self.writer.add_scalar(f"val/{key}", scores[key], done)
 
-    def close(self) -> None:
+    def upload(self) -> None:
+        """Rank 0: events to disk and, on object storage, the staged file to the run's tensorboard/ (replacing
+        its own earlier upload). A failed upload is a warning: the events are not worth the run."""
         if self.writer is None:
             return
-        self.writer.close()
-        uri = self.layout.tensorboard_uri
-        if storage.is_remote(uri):  # TensorBoard files go next to the checkpoints
-            fs, path = storage.filesystem(uri)
-            fs.put(str(Path(self.tb_dir)) + "/", path + "/", recursive=True)
+        self.writer.flush()
+        if self.staging is None:
+            return
+        try:
+            fs, path = storage.filesystem(self.layout.tensorboard_uri)
+            fs.put(self.staging + "/", path + "/", recursive=True)
+        except Exception as exc:  # noqa: BLE001 - endpoint, credentials: one warning line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            say(f"[{self.run_id}] warning: TensorBoard events not uploaded to {self.layout.tensorboard_uri}: "
+                f"{type(exc).__name__}: {first}")
+
+    def close(self) -> None:
+        """Rank 0: the last upload, then the staging dir removed."""
+        if self.writer is None:
+            return
+        try:
+            self.upload()
+            self.writer.close()
+        finally:
+            self.writer = None
+            if self.staging:
+                shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -37,8 +37,9 @@ def _common(previous: int, num_nodes: int | None = None) -> dict:
 
 
 def write_completed(cfg: Config, layout: RunLayout, classes: list[str], scores: dict, ms_scores: dict | None, *,
-                    fps, mem_gb, train_time_s: float, started_at, num_nodes: int | None,
+                    fps, mem_gb, train_time_s: float, total_time_s: float, started_at, num_nodes: int | None,
                     skipped_samples: int) -> str | None:
+    """train_time_s: this attempt's; total_time_s and started_at: the run's, over all attempts (RunClock)."""
     rows = attempts(cfg, layout.run_id)
     if _completed(rows) is not None:
         say(f"[{layout.run_id}] a completed row exists already; not writing another")
@@ -47,7 +48,8 @@ def write_completed(cfg: Config, layout: RunLayout, classes: list[str], scores: 
         cfg, **_common(len(rows), num_nodes), status="completed", miou=scores["mIoU"],
         aacc=scores["aAcc"], macc=scores["mAcc"], miou_msflip=ms_scores["mIoU"] if ms_scores else None,
         iou_per_class=list(zip(classes, scores["IoU"])), fps=fps, mem_gb=mem_gb, train_time_s=train_time_s,
-        started_at=started_at, checkpoint_uri=layout.final_model_uri, skipped_samples=skipped_samples)
+        total_time_s=total_time_s, started_at=started_at, checkpoint_uri=layout.final_model_uri,
+        skipped_samples=skipped_samples)
     uri = write_run(cfg.results.store_uri, row)
     say(f"[{layout.run_id}] completed: mIoU {scores['mIoU']:.2f}; result row {uri}")
     return uri
