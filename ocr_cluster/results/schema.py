@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: launcher, scheduler_job_id, restart_count
 
 STATUSES = ("completed", "failed")
 
@@ -61,6 +61,10 @@ SCHEMA = pa.schema([
     ("started_at", UTC_US),
     ("finished_at", UTC_US),
     ("written_at", UTC_US),
+    # how the attempt was launched (schema 2)
+    ("launcher", pa.string()),            # "slurm", "ray-job", "local"; null when unknown
+    ("scheduler_job_id", pa.string()),    # e.g. the SLURM job id "1234_5" or the Ray job submission id
+    ("restart_count", pa.int32()),        # scheduler requeues before this attempt (SLURM_RESTART_COUNT)
 ], metadata={"ocr_cluster.schema_version": str(SCHEMA_VERSION)})
 
 COLUMNS = tuple(SCHEMA.names)
