@@ -159,6 +159,6 @@ def submit(grid: Grid, launch: Launch, folder_root: str | Path | None = None) ->
         }
         launch.record_uris.append(records.write_record(store_uri, grid.name, "launch", body))
         write_manifest(store_uri, grid.name, [{"run_id": c.run_id, "name": c.name,
-                                                "axes": json.dumps(c.axes, sort_keys=True, default=str)}
+                                                "axes": json.dumps(c.axes, default=str)}  # axis order kept
                                                for c in cells])
     return launch

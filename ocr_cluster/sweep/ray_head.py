@@ -103,11 +103,14 @@ def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int 
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     # A token of its own: Ray turns token auth on by itself once ~/.ray/auth_token exists.
     client_env = {**RAY_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = {**(base_env if base_env is not None else os.environ), **client_env}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(key, None)
+    address = f"127.0.0.1:{ports['port']}"
+    # RAY_ADDRESS for the head's own processes too: Ray Train's actors use the state API, which would
+    # otherwise find several Ray instances on a shared node and refuse to pick one.
+    env = {**(base_env if base_env is not None else os.environ), **client_env, "RAY_ADDRESS": address}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     cmd = [ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           *(f"--{flag}={port}" for flag, port in ports.items()), "--include-dashboard=false",
+           *(f"--{flag}={port}" for flag, port in ports.items()), "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
@@ -116,7 +119,7 @@ def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int 
     log = temp_dir / "ray_start.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(proc.pid, f"127.0.0.1:{ports['port']}", temp_dir, client_env, log)
+    head = RayHead(proc.pid, address, temp_dir, client_env, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -46,7 +46,7 @@ def write_record(store_uri: str, sweep: str, kind: str, body: dict[str, Any]) ->
 def read_records(store_uri: str, sweep: str) -> list[dict[str, Any]]:
     """Every record of the sweep, oldest first (by name: the time stamp)."""
     fs, base = storage.filesystem(records_uri(store_uri, sweep))
-    fs.invalidate_cache(base)  # s3fs caches listings; a record written a moment ago must show
+    fs.invalidate_cache()  # s3fs caches listings; a record written a moment ago must show
     if not fs.exists(base):
         return []
     files = sorted((p for p in fs.find(base) if p.endswith(".json")),

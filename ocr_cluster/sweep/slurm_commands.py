@@ -11,9 +11,14 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from ocr_cluster.sweep import records, slurm
-from ocr_cluster.sweep.status import COMPLETED, LIVE, CellStatus, cell_states, counts, live_map
+# Imported by the parser for every `sweep` action: the SLURM, store and status modules (pyarrow) load
+# only when an action runs.
+if TYPE_CHECKING:  # pragma: no cover
+    from ocr_cluster.sweep.status import CellStatus
+
+COMPLETED, LIVE = "completed", ("running", "pending", "requeued")  # ocr_cluster.sweep.status's names
 
 STATE_STYLES = {"completed": "green", "failed": "red", "lost": "red", "running": "cyan", "requeued": "yellow",
                 "pending": "blue", "cancelled": "magenta"}
@@ -59,6 +64,8 @@ def _table(title: str, statuses: list[CellStatus]):
 
 
 def _summary(statuses: list[CellStatus]) -> str:
+    from ocr_cluster.sweep.status import counts
+
     return f"{len(statuses)} cells: " + ", ".join(f"{n} {state}" for state, n in sorted(counts(statuses).items()))
 
 
@@ -69,6 +76,9 @@ def _warn(notes: list[str]) -> None:
 
 def live_states(grid, store: str | None) -> dict[str, str] | None:
     """run id -> pending / running / requeued for `sweep plan`; None when SLURM or the records cannot tell."""
+    from ocr_cluster.sweep import slurm
+    from ocr_cluster.sweep.status import cell_states, live_map
+
     if not slurm.available():
         return None
     try:
@@ -84,6 +94,8 @@ def follow(grid, cells, interval: float, only: set[str] | None = None) -> list[C
     """Refresh a live table until none of the cells (or of `only`) is queued or running."""
     from rich.live import Live
 
+    from ocr_cluster.sweep.status import cell_states
+
     console = _console()
     statuses, notes = cell_states(cells, grid.name)
     _warn(notes)
@@ -98,6 +110,7 @@ def follow(grid, cells, interval: float, only: set[str] | None = None) -> list[C
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    from ocr_cluster.sweep import slurm
     from ocr_cluster.sweep.grid import load
     from ocr_cluster.sweep.launch import parameters, plan_launch, prepare, submit
 
@@ -139,8 +152,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from ocr_cluster.sweep import slurm
     from ocr_cluster.sweep.grid import load
     from ocr_cluster.sweep.launch import prepare
+    from ocr_cluster.sweep.status import cell_states
 
     grid = load(args.grid)
     cells = prepare(grid, args.store)
@@ -160,8 +175,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from ocr_cluster.sweep import records, slurm
     from ocr_cluster.sweep.grid import load
     from ocr_cluster.sweep.launch import prepare
+    from ocr_cluster.sweep.status import cell_states
 
     grid = load(args.grid)
     slurm.check_cluster()

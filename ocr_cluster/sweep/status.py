@@ -111,6 +111,11 @@ def cell_states(cells: list[Cell], sweep: str, ask_slurm: bool = True) -> tuple[
     runs: dict[str, dict[str, dict] | None] = {}
     subs: dict[str, records.Submitted] = {}
     for uri in stores:
+        try:  # s3fs caches listings per process: `--wait` and `--watch` must see new rows
+            fs, root = storage.filesystem(uri)
+            fs.invalidate_cache()  # all of it: a path drops only itself and its parents
+        except Exception:  # noqa: BLE001 - read_store reports an unusable store
+            pass
         rows, lines = read_store(uri)
         notes += lines
         runs[uri] = None if rows is None else {r["run_id"]: r for r in rows}
