@@ -137,10 +137,11 @@ def test_launch_status_relaunch_failure_and_fix(cluster, s3, synth_uri, cli, tmp
     assert sweep(cli, "status", grid).returncode == 1  # not every cell completed
 
     rows = {r["run_id"]: r for r in attempts(store)}
-    row = rows[good["run_id"]]
-    assert (row["status"], row["sweep"], row["launcher"]) == ("completed", "tiny", "slurm")
-    assert row["scheduler_job_id"] == jobs[good["run_id"]] and row["restart_count"] == 0
-    assert rows[failed["run_id"]]["status"] == "failed"
+    for cell, status in ((good, "completed"), (failed, "failed")):
+        row = rows[cell["run_id"]]
+        assert (row["status"], row["sweep"], row["launcher"]) == (status, "tiny", "slurm")
+        assert row["scheduler_job_id"] == jobs[cell["run_id"]] and row["restart_count"] == 0
+    assert rows[failed["run_id"]]["error"] == failed["detail"]  # the preflight's one line
 
     # Fixed, and one cell added: the relaunch submits exactly those two, not the completed one.
     added = {"model.head": "ocr", "schedule.iters": 6}
@@ -159,6 +160,12 @@ def test_launch_status_relaunch_failure_and_fix(cluster, s3, synth_uri, cli, tmp
     reconcile = cli("results", "reconcile", "--store", store, "--sweep", "tiny")
     assert reconcile.returncode == 0, reconcile.stdout + reconcile.stderr
     assert "3/3 completed, 0 missing, 0 failed, 0 duplicated" in reconcile.stdout
+
+    table = cli("results", "table", "--store", store, "--sweep", "tiny")  # laid out by the grid's axes
+    assert table.returncode == 0, table.stderr
+    header, _, *body = table.stdout.splitlines()
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["model.head", "4", "6"]
+    assert sorted(line.split("|")[1].strip() for line in body if line.startswith("|")) == ["fcn", "ocr"]
 
     # The launch records hold the cells and job ids; no file the sweep wrote holds the secret.
     from ocr_cluster.sweep.records import read_records
@@ -218,6 +225,8 @@ def test_cancel_leaves_nothing_queued(cluster, s3, synth_uri, cli, tmp_path):
     assert first.returncode == 0, first.stderr
     jobs = submitted(first.stdout)
     assert {c["state"] for c in states(cli, grid).values()} <= {"pending", "running"}
+    plan = sweep(cli, "plan", grid, "--json", timeout=120)  # the plan sees the live jobs too
+    assert {json.loads(line)["state"] for line in plan.stdout.splitlines()} <= {"pending", "running"}
 
     cancel = sweep(cli, "cancel", grid, timeout=120)
     assert cancel.returncode == 0, cancel.stderr

@@ -107,7 +107,7 @@ def _write_failed(cfg, error: str, before: int | None) -> None:
 class CellTask(submitit.helpers.Checkpointable):
     """The callable of every array task: `CellTask()(config_yaml)`."""
 
-    def __call__(self, config_yaml: str, object_store_mb: int = 0) -> dict[str, Any]:
+    def __call__(self, config_yaml: str) -> dict[str, Any]:
         from ocr_cluster import config
         from ocr_cluster.sweep.ray_head import start_head
 
@@ -126,9 +126,11 @@ class CellTask(submitit.helpers.Checkpointable):
                 previous(signum, frame)
 
         signal.signal(signal.SIGTERM, on_sigterm)
-        launch_env = {"OCR_CLUSTER_LAUNCHER": "slurm", "OCR_CLUSTER_JOB_ID": job_id,
-                      "OCR_CLUSTER_RESTART_COUNT": restarts}
-        base_env = {**os.environ, **launch_env}  # the head's workers write the row: they need these too
+        # Read by results.rows for every row of this attempt: the driver's, the workers' (through the
+        # head's environment) and a failed row written here.
+        os.environ.update({"OCR_CLUSTER_LAUNCHER": "slurm", "OCR_CLUSTER_JOB_ID": job_id,
+                           "OCR_CLUSTER_RESTART_COUNT": restarts})
+        base_env = dict(os.environ)
         before = None
         tail: deque = deque(maxlen=200)
         try:
@@ -137,7 +139,7 @@ class CellTask(submitit.helpers.Checkpointable):
             except Exception:  # noqa: BLE001 - the driver's preflight names what is wrong with the store
                 pass
             try:
-                head = _RUNNING["head"] = start_head(_cpus(cfg), object_store_mb=object_store_mb, base_env=base_env)
+                head = _RUNNING["head"] = start_head(_cpus(cfg), base_env=base_env)
             except Exception as exc:  # noqa: BLE001
                 if stopped.is_set():
                     raise CellInterrupted(f"stopped while starting Ray: {exc}") from None
