@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -228,6 +229,10 @@ def test_cancel_leaves_nothing_queued(cluster, s3, synth_uri, cli, tmp_path):
     plan = sweep(cli, "plan", grid, "--json", timeout=120)  # the plan sees the live jobs too
     assert {json.loads(line)["state"] for line in plan.stdout.splitlines()} <= {"pending", "running"}
 
+    deadline = time.monotonic() + 180  # cancel a task that is running its cell, not one still starting
+    while "private Ray head" not in files_text(folder):
+        assert time.monotonic() < deadline, "no task started its Ray head within 180 s"
+        time.sleep(1)
     cancel = sweep(cli, "cancel", grid, timeout=120)
     assert cancel.returncode == 0, cancel.stderr
     assert "cancelled 2 job(s)" in cancel.stdout
@@ -241,6 +246,24 @@ def test_cancel_leaves_nothing_queued(cluster, s3, synth_uri, cli, tmp_path):
         time.sleep(2)
     assert {c["state"] for c in states(cli, grid).values()} == {"cancelled"}
     assert "no queued or running job" in sweep(cli, "cancel", grid).stdout
+
+    # The cancelled task stopped its private Ray: no process or temp dir of it is left.
+    temp_dirs = re.findall(r"private Ray head \S+, temp dir (\S+)", files_text(folder))
+    deadline = time.monotonic() + 30
+    while any(Path(d).exists() or _pids_with(d) for d in temp_dirs):
+        assert time.monotonic() < deadline, [(d, _pids_with(d)) for d in temp_dirs]
+        time.sleep(1)
+
+
+def _pids_with(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in proc.joinpath("cmdline").read_bytes().decode(errors="ignore"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_errors_before_submitting(cluster, s3, synth_uri, cli, tmp_path):

@@ -3,7 +3,7 @@
 Several cells (and other users' Ray) may share a node, so the head never joins another Ray instance
 and is stopped by its process group, never with `ray stop` (which kills every Ray on the machine).
 
-    head = start_head(num_cpus=8)       # RAY_ADDRESS for the driver: head.address
+    head = start_head(num_cpus=8)       # or spawn_head(...) then head.wait_ready(); RAY_ADDRESS: head.address
     ...
     head.stop()
 """
@@ -61,8 +61,22 @@ class RayHead:
     temp_dir: Path
     env: dict[str, str] = field(default_factory=dict)   # what a client of this head needs (auth token)
     log: Path | None = None
+    proc: subprocess.Popen | None = None
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> RayHead:
+        """Wait until `ray start` says the head is up; RayHeadError (and the head stopped) otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+            if self.log is not None and READY_LINE in self.log.read_text(errors="ignore"):
+                return self
+            time.sleep(0.3)
+        tail = self.log.read_text(errors="ignore")[-1500:] if self.log is not None else ""
+        code = self.proc.poll() if self.proc is not None else None
+        state = f"exited with {code}" if code is not None else f"not up after {timeout:.0f}s"
+        self.stop()
+        raise RayHeadError(f"the private Ray head {state}; log tail:\n{tail}")
+
+    def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the head's process group, SIGKILL what is left after `timeout`, remove its temp dir."""
         _signal_group(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -96,9 +110,9 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float = 120.0,
+def spawn_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0,
                base_env: dict[str, str] | None = None) -> RayHead:
-    """Start `ray start --head --block` in its own session and wait until it is up."""
+    """Start `ray start --head --block` in its own session; `wait_ready()` waits until it is up."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ocrs_", dir="/tmp"))  # unix socket paths must stay < 107 bytes
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     # A token of its own: Ray turns token auth on by itself once ~/.ray/auth_token exists.
@@ -110,8 +124,8 @@ def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int 
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     cmd = [ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            *(f"--{flag}={port}" for flag, port in ports.items()), "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1",
-           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats"]
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     if object_store_mb:
@@ -119,15 +133,10 @@ def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int 
     log = temp_dir / "ray_start.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(proc.pid, address, temp_dir, client_env, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        if READY_LINE in log.read_text(errors="ignore"):
-            return head
-        time.sleep(0.3)
-    tail = log.read_text(errors="ignore")[-1500:]
-    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"not up after {timeout:.0f}s"
-    head.stop()
-    raise RayHeadError(f"the private Ray head {state}; log tail:\n{tail}")
+    return RayHead(proc.pid, address, temp_dir, client_env, log, proc)
+
+
+def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float = 120.0,
+               base_env: dict[str, str] | None = None) -> RayHead:
+    """spawn_head, then wait until the head is up."""
+    return spawn_head(num_cpus, num_gpus, object_store_mb, base_env).wait_ready(timeout)

@@ -53,7 +53,7 @@ def _cpus(cfg) -> int:
     return max(allocated, int(workers) + 2)
 
 
-def _stop_running() -> None:
+def _stop_running(timeout: float = 10.0) -> None:
     """Stop the driver (first, so that it cannot see Ray vanish and record a failure), then Ray."""
     driver = _RUNNING.pop("driver", None)
     if driver is not None and driver.poll() is None:
@@ -64,7 +64,7 @@ def _stop_running() -> None:
         driver.wait()
     head = _RUNNING.pop("head", None)
     if head is not None:
-        head.stop()
+        head.stop(timeout)
 
 
 def _tee(stream, sink, keep: deque) -> None:
@@ -109,7 +109,7 @@ class CellTask(submitit.helpers.Checkpointable):
 
     def __call__(self, config_yaml: str) -> dict[str, Any]:
         from ocr_cluster import config
-        from ocr_cluster.sweep.ray_head import start_head
+        from ocr_cluster.sweep.ray_head import spawn_head
 
         job_id = _job_id()
         cell_file = Path(os.environ.get("SUBMITIT_FOLDER", ".")) / f"{job_id}_cell.yaml"
@@ -124,6 +124,7 @@ class CellTask(submitit.helpers.Checkpointable):
             stopped.set()
             if callable(previous):
                 previous(signum, frame)
+            _stop_running(timeout=3)  # now: SLURM sends SIGKILL after its KillWait
 
         signal.signal(signal.SIGTERM, on_sigterm)
         # Read by results.rows for every row of this attempt: the driver's, the workers' (through the
@@ -139,7 +140,9 @@ class CellTask(submitit.helpers.Checkpointable):
             except Exception:  # noqa: BLE001 - the driver's preflight names what is wrong with the store
                 pass
             try:
-                head = _RUNNING["head"] = start_head(_cpus(cfg), base_env=base_env)
+                head = _RUNNING["head"] = spawn_head(_cpus(cfg), base_env=base_env)  # registered: stopped on signals
+                print(f"private Ray head {head.address}, temp dir {head.temp_dir}", flush=True)
+                head.wait_ready()
             except Exception as exc:  # noqa: BLE001
                 if stopped.is_set():
                     raise CellInterrupted(f"stopped while starting Ray: {exc}") from None
