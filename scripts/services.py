@@ -258,6 +258,8 @@ ReturnToService=2
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
+# A requeued job may start again once its step credential expires (default 120 s): 30 s keeps tests short.
+AuthInfo=cred_expire=30
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """

@@ -71,12 +71,11 @@ def test_unknown_verb_and_missing_argument_are_one_line(cli):
         assert one_line(result.stderr).startswith("ocr-cluster")
 
 
-@pytest.mark.parametrize("args", [["sweep", "launch", "g.yaml"]])
-def test_verbs_not_landed_say_so(cli, args):
-    """Until a capability lands its verb must say so and fail (drop it from this list when it lands)."""
-    result = cli(*args)
-    assert result.returncode == 3
-    assert "has not landed yet" in one_line(result.stderr)
+@pytest.mark.parametrize("action", ["launch", "status", "cancel"])
+def test_sweep_actions_on_a_missing_grid_are_one_line(cli, action):
+    result = cli("sweep", action, "g.yaml")
+    assert result.returncode == 2
+    assert "grid file not found: g.yaml" in one_line(result.stderr)
 
 
 def test_print_config_round_trips(cli, tmp_path):

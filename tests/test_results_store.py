@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ocr_cluster import config, storage
-from ocr_cluster.results import (RowError, SCHEMA, UnreadableFileWarning, compact, list_run_files, read_attempts,
-                                 read_runs, row_from_config, write_run, write_sweep_manifest)
+from ocr_cluster.results import (RowError, SCHEMA, SCHEMA_VERSION, UnreadableFileWarning, compact, list_run_files,
+                                 read_attempts, read_runs, row_from_config, write_run, write_sweep_manifest)
 from ocr_cluster.results import store as store_mod
 from ocr_cluster.results.reconcile import ManifestError, reconcile
 
@@ -49,7 +49,7 @@ def test_round_trip_layout_and_config(tmp_path):
     parts = rel.split(os.sep)
     assert parts[:3] == ["dataset=cityscapes", "sweep=ablation%20a%2Fb", f"run_id={cfg.run_id}"]
     assert parts[3].startswith("attempt-000-") and parts[3].endswith(".parquet")
-    assert pq.read_schema(uri).metadata[b"ocr_cluster.schema_version"] == b"3"
+    assert pq.read_schema(uri).metadata[b"ocr_cluster.schema_version"] == str(SCHEMA_VERSION).encode()
 
     (got,) = read_runs(str(tmp_path)).to_pylist()
     assert got["run_id"] == cfg.run_id and got["sweep"] == "ablation a/b" and got["file"] == "/".join(parts)
@@ -160,6 +160,7 @@ def test_old_file_missing_new_columns_still_reads(tmp_path):
     assert runs["rold"]["aacc"] is None and runs["rold"]["iou_per_class"] is None and runs["rold"]["attempt"] is None
     assert runs["rold"]["skipped_samples"] is None  # a column added in schema version 2
     assert runs["rold"]["total_time_s"] is None  # and one of version 3
+    assert runs["rold"]["launcher"] is None and runs["rold"]["restart_count"] is None  # and of version 4
     assert read_runs(store).schema.names == SCHEMA.names + ["file"]
 
 
@@ -353,3 +354,22 @@ def test_reconcile_on_s3(s3):
     write_sweep_manifest(store, "g", [cfg.run_id, cell("hrnetv2_w48", **{"run.sweep": "g"}).run_id])
     report = reconcile(store, "g")
     assert report.completed == [cfg.run_id] and len(report.missing) == 1
+
+
+def test_launch_columns_come_from_the_launcher_environment(tmp_path, monkeypatch):
+    cfg = config.load(None)
+    for var in ("OCR_CLUSTER_LAUNCHER", "OCR_CLUSTER_JOB_ID", "OCR_CLUSTER_RESTART_COUNT",
+                "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(var, raising=False)
+    plain = row_from_config(cfg, status="completed")
+    assert (plain["launcher"], plain["scheduler_job_id"], plain["restart_count"]) == (None, None, None)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"metadata": {"job_submission_id": "raysubmit_X"}}')
+    assert row_from_config(cfg, status="failed")["launcher"] == "ray-job"
+    assert row_from_config(cfg, status="failed")["scheduler_job_id"] == "raysubmit_X"
+    monkeypatch.setenv("OCR_CLUSTER_LAUNCHER", "slurm")
+    monkeypatch.setenv("OCR_CLUSTER_JOB_ID", "41_3")
+    monkeypatch.setenv("OCR_CLUSTER_RESTART_COUNT", "2")
+    uri = write_run(str(tmp_path), row_from_config(cfg, status="completed", miou=50.0))
+    got = read_attempts(str(tmp_path)).to_pylist()[0]
+    assert (got["launcher"], got["scheduler_job_id"], got["restart_count"]) == ("slurm", "41_3", 2)
+    assert pq.read_schema(uri).field("restart_count").type == pa.int32()

@@ -220,10 +220,43 @@ def test_bad_grid_is_one_line_exit_2(cli, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"ocr-cluster sweep plan: error: {path}: axis model.backbon")
 
 
-@pytest.mark.parametrize("action", ["launch", "status", "cancel"])
-def test_other_actions_have_not_landed(capsys, action):
-    assert cli_mod.main(["sweep", action, str(SWEEPS / "quickstart.yaml")]) == cli_mod.EXIT_NOT_AVAILABLE
-    assert f"sweep {action} has not landed yet" in capsys.readouterr().err
+def test_status_and_dry_run_without_a_cluster(capsys, tmp_path, monkeypatch):
+    """Offline: every cell 'not launched' (exit 1: not all completed); a dry run lists what it would submit."""
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+    grid = str(SWEEPS / "quickstart.yaml")
+    assert cli_mod.main(["sweep", "status", grid, "--store", str(tmp_path), "--json"]) == 1
+    states = [json.loads(line)["state"] for line in capsys.readouterr().out.splitlines()]
+    assert states == ["not launched"] * 4
+    assert cli_mod.main(["sweep", "launch", grid, "--store", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would submit 4 of 4 cells" in out and not (tmp_path / "_launches").exists()
+    from ocr_cluster.sweep import slurm_commands, status  # the parser's light copy of the state names
+    assert (slurm_commands.LIVE, slurm_commands.COMPLETED) == (status.LIVE, status.COMPLETED)
+
+
+def test_slurm_time_and_sbatch_options():
+    from ocr_cluster.sweep.launch import sbatch_extras
+    from ocr_cluster.sweep.slurm import minutes
+
+    assert [minutes(t) for t in ("240", "30:00", "24:00:00", "2-00", "1-02:30", "0-00:00:30")] == \
+        [240, 30, 1440, 2880, 1590, 1]
+    assert sbatch_extras(["--constraint=a100", "--exclusive"]) == {"constraint": "a100", "exclusive": True}
+
+
+def test_launch_records_newest_wins_and_cancel_marks(tmp_path):
+    from ocr_cluster.sweep import records
+
+    store = str(tmp_path)
+    cells = [{"name": "a", "run_id": "r1", "job_id": "7_0"}, {"name": "b", "run_id": "r2", "job_id": "7_1"}]
+    records.write_record(store, "s", "launch", {"axes": ["x"], "cells": cells})
+    records.write_record(store, "s", "launch", {"axes": ["x", "y"], "cells": [{**cells[1], "job_id": "9"}]})
+    records.write_record(store, "s", "cancel", {"job_ids": ["9"]})
+    read = records.read_records(store, "s")
+    assert [r["kind"] for r in read] == ["launch", "launch", "cancel"]
+    subs = records.submitted(read)
+    assert (subs["r1"].job_id, subs["r1"].cancelled) == ("7_0", False)
+    assert (subs["r2"].job_id, subs["r2"].cancelled) == ("9", True)
+    assert records.axes_of(read) == ["x", "y"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,3 +322,29 @@ def test_estimate_needs_one_device_and_falls_back_to_benchmarks(tmp_path):
     bench = (est.Speed(*key, H100, 0.45, "benchmarks/README.md#training"),)
     got = est.estimate(cfg, other_batch, benchmarks=bench)
     assert got.gpu_hours == pytest.approx(40.0) and got.source == f"benchmarks: benchmarks/README.md#training on {H100}"
+
+
+def test_results_table_of_a_sweep_is_laid_out_by_its_axes(capsys, tmp_path):
+    """`results table --sweep S`: rows x columns of the grid's axes, from the manifest `sweep launch` wrote
+    or from --grid; runs of the same cells outside the sweep count (the store is keyed by run id)."""
+    from ocr_cluster.results import write_sweep_manifest
+
+    cells = load(SWEEPS / "quickstart.yaml").cells()
+    store = str(tmp_path)
+    for i, cell in enumerate(cells[:3]):
+        sweep = "quickstart" if i else ""  # the first one ran as a single job
+        write_run(store, row_from_config(cell.config, status="completed", miou=50.0 + i, sweep=sweep))
+    write_sweep_manifest(store, "quickstart", [{"run_id": c.run_id, "name": c.name, "axes": json.dumps(c.axes)}
+                                         for c in cells])
+    assert cli_mod.main(["results", "table", "--store", store, "--sweep", "quickstart"]) == 0
+    out = capsys.readouterr().out
+    header, _, first, second = out.splitlines()[:4]
+    assert header.split("|")[1:-1] == [" model.head ", " short ", " longer "]
+    assert first.split("|")[1:-1] == [" ocr        ", " 50.00 ", "  51.00 "]
+    assert second.split("|")[1:-1] == [" fcn        ", " 52.00 ", "      - "]
+    (tmp_path / "_manifests").rename(tmp_path / "_elsewhere")
+    assert cli_mod.main(["results", "table", "--store", store, "--sweep", "quickstart", "--grid",
+                         str(SWEEPS / "quickstart.yaml")]) == 0
+    assert capsys.readouterr().out == out
+    assert cli_mod.main(["results", "table", "--store", store, "--sweep", "quickstart"]) == 0
+    assert "| Method |" in capsys.readouterr().out  # no manifest, no grid: the seeds' layout

@@ -92,7 +92,14 @@ def cmd_table(args: argparse.Namespace) -> int:
     if args.format not in tables.FORMATS:
         raise ResultsError(f"unknown format {args.format!r}; choose one of {', '.join(tables.FORMATS)}")
     runs = _runs(args)
-    if args.cols:
+    by_axes = None
+    if args.sweep and not args.cols and not args.compare_published:
+        cell_axes = _cell_axes(args)  # the store is keyed by run id: a cell may have run in another sweep
+        everywhere = _runs(argparse.Namespace(**{**vars(args), "sweep": None})) if cell_axes else []
+        by_axes = tables.sweep_pivot(everywhere, cell_axes, args.metric, args.agg)
+    if by_axes is not None:
+        out = [by_axes]
+    elif args.cols:
         if args.compare_published:
             raise ResultsError("--compare-published needs the seeds' layout; leave out --cols")
         metric = _fields(args.metric, "--metric")[0]
@@ -103,6 +110,25 @@ def cmd_table(args: argparse.Namespace) -> int:
         print(f"warning: no runs in {args.store} match", file=sys.stderr)
     print(tables.render(out, args.format), end="")
     return 0
+
+
+def _cell_axes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """run id -> the cell's axis values, from --grid or else the sweep's manifest ({} when neither has them)."""
+    if getattr(args, "grid", None):
+        from ocr_cluster.sweep.grid import load  # the grid format belongs to the sweep package
+
+        return {cell.run_id: cell.axes for cell in load(args.grid).cells()}
+    import pyarrow.parquet as pq
+
+    from ocr_cluster import storage
+    from ocr_cluster.results.store import sweep_manifest_uri
+
+    uri = sweep_manifest_uri(args.store, args.sweep)
+    try:
+        rows = pq.read_table(pa.BufferReader(storage.read_bytes(uri))).to_pylist()
+    except Exception:  # noqa: BLE001 - no manifest (a sweep not launched by `sweep launch`): seeds' layout
+        return {}
+    return {r["run_id"]: json.loads(r["axes"]) for r in rows if r.get("axes")}
 
 
 def _show_text(row: dict[str, Any], attempts: list[dict[str, Any]]) -> str:
@@ -225,6 +251,8 @@ def add_arguments(action: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--compare-published", action="store_true",
                        help="add the published number and our delta where a seed table reports the setting")
         p.add_argument("--include-failed", action="store_true", help="also list runs that never completed")
+        p.add_argument("--grid", metavar="FILE", help="with --sweep: lay the table out by this grid's axes "
+                       "(default: the axes `sweep launch` recorded in the sweep's manifest)")
     elif action == "show":
         p.add_argument("run_id", help="run id (a unique prefix is enough)")
         _store(p)

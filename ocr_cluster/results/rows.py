@@ -95,6 +95,31 @@ def _device(num_gpus: int) -> str | None:
     return None
 
 
+# How an attempt was launched. A launcher exports these for the driver and the Ray workers it starts
+# (the SLURM array task does); `ray job submit` is recognised on the driver by the variable Ray sets.
+LAUNCH_ENV = {"launcher": "OCR_CLUSTER_LAUNCHER", "scheduler_job_id": "OCR_CLUSTER_JOB_ID",
+              "restart_count": "OCR_CLUSTER_RESTART_COUNT"}
+
+
+def launch_fields() -> dict[str, Any]:
+    """launcher, scheduler_job_id and restart_count from the environment (None where unknown)."""
+    out: dict[str, Any] = {key: os.environ.get(var) or None for key, var in LAUNCH_ENV.items()}
+    if out["launcher"] is None and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        out["launcher"] = "ray-job"
+        try:
+            import json
+
+            meta = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("metadata") or {}
+            out["scheduler_job_id"] = out["scheduler_job_id"] or meta.get("job_submission_id")
+        except (ValueError, AttributeError):
+            pass
+    try:
+        out["restart_count"] = int(out["restart_count"]) if out["restart_count"] is not None else None
+    except ValueError:
+        out["restart_count"] = None
+    return out
+
+
 def row_from_config(cfg, **fields: Any) -> dict[str, Any]:
     """A row for a run of `cfg` (an ocr_cluster.config.Config); `fields` add metrics and override the rest.
 
@@ -120,6 +145,7 @@ def row_from_config(cfg, **fields: Any) -> dict[str, Any]:
         "git_sha": git_sha(),
         "torch_version": _version("torch"),
         "ray_version": _version("ray"),
+        **launch_fields(),
     }
     row.update(fields)
     return row

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: skipped_samples; 3: total_time_s
+SCHEMA_VERSION = 4  # 2: skipped_samples; 3: total_time_s; 4: launcher, scheduler_job_id, restart_count
 
 STATUSES = ("completed", "failed")
 
@@ -67,6 +67,10 @@ SCHEMA = pa.schema([
     ("total_time_s", pa.float64()),       # training seconds over all attempts (train/clock.py): each attempt's up
                                           # to the checkpoint the next one resumed from, plus the last attempt's;
                                           # a crashed attempt's seconds after its last checkpoint are not known
+    # how the attempt was launched (version 4)
+    ("launcher", pa.string()),            # "slurm", "ray-job", "local"; null when unknown
+    ("scheduler_job_id", pa.string()),    # e.g. the SLURM job id "1234_5" or the Ray job submission id
+    ("restart_count", pa.int32()),        # scheduler requeues before this attempt (SLURM_RESTART_COUNT)
 ], metadata={"ocr_cluster.schema_version": str(SCHEMA_VERSION)})
 
 COLUMNS = tuple(SCHEMA.names)

@@ -160,9 +160,14 @@ def seeds_tables(runs: list[dict[str, Any]], compare_published: bool = False) ->
 
 
 def pivot(runs: list[dict[str, Any]], rows: list[str], cols: str, metric: str = "miou",
-          agg: str = "mean") -> Table:
+          agg: str = "mean", order: dict[str, list] | None = None) -> Table:
     """`metric` by `rows` (one or more fields) down and the values of `cols` across; cells aggregate
-    the runs that share them (n shown in markdown when more than one)."""
+    the runs that share them (n shown in markdown when more than one). `order` fixes the order of some
+    fields' values (e.g. a grid's), others sort as `_order` does."""
+    def rank(key: str, value: Any) -> tuple:
+        known = (order or {}).get(key)
+        return (-1, known.index(value), "") if known and value in known else _order(key, value)
+
     if agg not in AGGREGATES:
         raise TableError(f"unknown aggregate {agg!r}; choose one of {', '.join(AGGREGATES)}")
     cells: dict[tuple, dict[Any, list[float]]] = {}
@@ -170,9 +175,9 @@ def pivot(runs: list[dict[str, Any]], rows: list[str], cols: str, metric: str = 
         if run.get(metric) is None:
             continue
         cells.setdefault(tuple(run.get(k) for k in rows), {}).setdefault(run.get(cols), []).append(run[metric])
-    col_values = sorted({c for per_row in cells.values() for c in per_row}, key=lambda v: _order(cols, v))
+    col_values = sorted({c for per_row in cells.values() for c in per_row}, key=lambda v: rank(cols, v))
     out_rows = []
-    for key in sorted(cells, key=lambda t: [_order(k, v) for k, v in zip(rows, t)]):
+    for key in sorted(cells, key=lambda t: [rank(k, v) for k, v in zip(rows, t)]):
         row: dict[str, Any] = dict(zip(rows, key))
         for value in col_values:
             got = cells[key].get(value)
@@ -186,6 +191,24 @@ def pivot(runs: list[dict[str, Any]], rows: list[str], cols: str, metric: str = 
     columns += [Column(str(v), str(v), cell, True) for v in col_values]
     title = f"{HEADERS.get(metric, metric)} by {', '.join(rows)} and {cols} ({agg})"
     return Table(columns, out_rows, [c.key for c in columns], title)
+
+
+def sweep_pivot(runs: list[dict[str, Any]], cell_axes: dict[str, dict[str, Any]], metric: str = "miou",
+                agg: str = "mean") -> Table | None:
+    """A sweep laid out by its grid's axes: rows = every axis but the last, columns = the last axis.
+
+    `cell_axes` maps run id -> {axis: value or variant name}, in the grid's axis order (from the sweep's
+    manifest or its grid file). None when no run of `runs` is a cell or the grid has no axes."""
+    axes = list(next(iter(cell_axes.values()), {}))
+    placed = [{**run, **cell_axes[run["run_id"]]} for run in runs if run["run_id"] in cell_axes]
+    if not axes or not placed:
+        return None
+    rows = axes[:-1] or ["dataset"]
+    order = {axis: list(dict.fromkeys(values[axis] for values in cell_axes.values() if axis in values))
+             for axis in axes}  # the grid's order, not the alphabet's
+    table = pivot(placed, rows, axes[-1], metric, agg, order)
+    table.title = f"{HEADERS.get(metric, metric)} by {', '.join(axes[:-1]) or 'dataset'} and {axes[-1]} ({agg})"
+    return table
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Handlers of `ocr-cluster sweep plan | launch | status | cancel` (wired by ocr_cluster/cli.py).
 
-`plan` expands and validates a grid offline and prints its cells; the others have not landed yet and
-exit 3. A bad grid is one line and exit 2 (SweepError is a ConfigError).
+`plan` expands and validates a grid offline and prints its cells; `launch` submits the missing cells
+to SLURM as a job array (ocr_cluster.sweep.launch), `status` shows each cell's state
+(ocr_cluster.sweep.status) and `cancel` stops the sweep's live jobs. A bad grid, or SLURM that cannot
+be used, is one line and exit 2 (SweepError is a ConfigError).
 """
 
 from __future__ import annotations
@@ -20,24 +22,18 @@ HELP = {
 }
 
 
-def not_landed(args: argparse.Namespace) -> int:
-    from ocr_cluster import __version__
-    from ocr_cluster.errors import NotAvailable
-
-    raise NotAvailable(f"not available in ocr_cluster {__version__}: sweep {args.action} has not landed yet "
-                       f"(sweep plan has)")
-
-
 def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
     """The arguments and handler of `ocr-cluster sweep ACTION`."""
     if action not in HELP:
         raise unknown_choice("sweep action", action, HELP)
     parser.add_argument("grid", help="sweeps/<grid>.yaml")
-    if action != "plan":
-        parser.set_defaults(func=not_landed)
-        return
     parser.add_argument("--store", metavar="URI", default=None,
-                        help="results store to look cells up in (default: each cell's results.store_uri)")
+                        help="results store of every cell (default: each cell's results.store_uri)")
+    if action != "plan":
+        from ocr_cluster.sweep import slurm_commands
+
+        slurm_commands.add_arguments(action, parser)
+        return
     parser.add_argument("--no-store", action="store_true",
                         help="read no results store (fully offline; states and store-based estimates show '?')")
     parser.add_argument("--device", metavar="NAME", default=None,
@@ -82,7 +78,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     grid = load(args.grid)
     cells = grid.cells()  # every cell validated before any store is read
-    rows, notes = plan(cells, store=args.store, read=not args.no_store, device=args.device)
+    live = None
+    if not args.no_store:
+        from ocr_cluster.sweep.slurm_commands import live_states
+
+        live = live_states(grid, args.store)
+    rows, notes = plan(cells, store=args.store, read=not args.no_store, device=args.device, live=live)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     if args.json:

@@ -1,0 +1,164 @@
+"""`sweep launch`: submit a grid's missing cells to SLURM as one job array (submitit), and record it.
+
+A cell is submitted when the results store has no completed row for its run id (in any sweep: the
+run id hashes what is trained) and no live job of an earlier launch (from the launch records, checked
+against squeue). Cells with the same resource shape share one array (`--array=0-N%P`, P =
+backend.slurm.array_parallelism); a grid whose cells need different GPU counts makes one array per
+count. Every task runs ocr_cluster.sweep.task.CellTask: a private Ray head and `python -m
+ocr_cluster.train` on the cell's config.
+
+The submitit folder (scripts, pickles, logs; it must be on a filesystem the nodes share) is
+<folder>/<sweep>/launch-<UTC time>/, with <folder> = --folder or ./sweeps_runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ocr_cluster import storage
+from ocr_cluster.config import Config
+from ocr_cluster.sweep import records, slurm
+from ocr_cluster.sweep.grid import Cell, Grid, SweepError
+from ocr_cluster.sweep.status import COMPLETED, LIVE, UNREAD, CellStatus, cell_states, with_store
+
+DEFAULT_FOLDER = "sweeps_runs"
+
+
+@dataclass
+class Launch:
+    statuses: list[CellStatus]                    # every cell, before submitting
+    todo: list[CellStatus]                        # what is (or would be) submitted
+    jobs: dict[str, str] = field(default_factory=dict)   # run id -> SLURM job id
+    arrays: list[str] = field(default_factory=list)      # the array job ids
+    folder: Path | None = None
+    record_uris: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local URIs made absolute: the task runs in the submit directory, the Ray workers elsewhere."""
+    def fix(uri: str) -> str:
+        return storage.local_path(uri) if uri and not storage.is_remote(uri) else uri
+
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, pretrained=fix(cfg.model.pretrained),
+                                       pretrained_backbone=fix(cfg.model.pretrained_backbone)),
+        data=dataclasses.replace(cfg.data, uri=fix(cfg.data.uri)),
+        storage=dataclasses.replace(cfg.storage, checkpoint_uri=fix(cfg.storage.checkpoint_uri)),
+        results=dataclasses.replace(cfg.results, store_uri=fix(cfg.results.store_uri)))
+
+
+def prepare(grid: Grid, store: str | None) -> list[Cell]:
+    cells = [Cell(c.name, absolute_paths(c.config), c.axes) for c in with_store(grid.cells(), store)]
+    return cells
+
+
+def gpus_of(cell: Cell, grid: Grid) -> int:
+    """GPUs the cell's one node needs; SweepError for a cell that needs more than one node."""
+    backend, cfg = grid.backend.slurm, cell.config
+    if backend.nodes > 1:
+        raise grid.error(f"backend.slurm.nodes: {backend.nodes}: multi-node cells are not supported by the "
+                         f"SLURM launcher yet; use nodes: 1 (or 0)")
+    if not cfg.cluster.use_gpu:
+        return 0
+    workers = max(cfg.cluster.num_workers, 1)
+    if backend.gpus_per_node and workers > backend.gpus_per_node:
+        raise grid.error(f"cell {cell.name}: cluster.num_workers {workers} needs more than one node of "
+                         f"backend.slurm.gpus_per_node {backend.gpus_per_node}; multi-node cells are not "
+                         f"supported by the SLURM launcher yet")
+    return workers
+
+
+def sbatch_extras(options: list[str]) -> dict[str, Any]:
+    """['--constraint=a100', '--exclusive'] -> {'constraint': 'a100', 'exclusive': True}."""
+    out: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option[2:].partition("=")
+        out[key] = value if sep else True
+    return out
+
+
+def parameters(grid: Grid, gpus: int, count: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for an array of `count` cells needing `gpus` GPUs each."""
+    backend = grid.backend.slurm
+    extra = {"requeue": True}  # preemption and `scontrol requeue` put the task back in the queue
+    if backend.account:
+        extra["account"] = backend.account
+    if backend.mem:
+        extra["mem"] = backend.mem
+    extra.update(sbatch_extras(backend.sbatch))
+    params: dict[str, Any] = {"job_name": grid.name, "time": slurm.minutes(backend.time), "nodes": 1,
+                              "ntasks_per_node": 1, "array_parallelism": backend.array_parallelism or count,
+                              "additional_parameters": extra}
+    for key in ("partition", "qos"):
+        if getattr(backend, key):
+            params[key] = getattr(backend, key)
+    if backend.cpus_per_task:
+        params["cpus_per_task"] = backend.cpus_per_task
+    if gpus:
+        params["gpus_per_node"] = gpus
+    return params
+
+
+def plan_launch(grid: Grid, store: str | None = None, check: bool = True) -> Launch:
+    """Every cell's state and the cells to submit; SlurmError when SLURM cannot be used (if `check`)."""
+    cells = prepare(grid, store)
+    for cell in cells:
+        gpus_of(cell, grid)
+    if check:
+        slurm.check_cluster(grid.backend.slurm.partition)
+    statuses, notes = cell_states(cells, grid.name, ask_slurm=check)
+    unread = [s for s in statuses if s.state == UNREAD]
+    if unread:
+        raise SweepError(f"cannot read the results store {unread[0].cell.config.results.store_uri}, so it is not "
+                         f"known which cells are completed; nothing was submitted ({notes[0] if notes else ''})")
+    todo = [s for s in statuses if s.state != COMPLETED and s.state not in LIVE]
+    return Launch(statuses, todo, notes=notes)
+
+
+def submit(grid: Grid, launch: Launch, folder_root: str | Path | None = None) -> Launch:
+    """Submit `launch.todo`; write the launch record(s) and the sweep's manifest."""
+    import submitit
+
+    from ocr_cluster.results import write_sweep_manifest
+    from ocr_cluster.results.rows import git_sha
+    from ocr_cluster.sweep.task import CellTask
+
+    now = dt.datetime.now(dt.timezone.utc)
+    launch.folder = (Path(folder_root or DEFAULT_FOLDER) / grid.name / f"launch-{now:%Y%m%dT%H%M%S%fZ}").absolute()
+    groups: dict[int, list[CellStatus]] = {}
+    for status in launch.todo:
+        groups.setdefault(gpus_of(status.cell, grid), []).append(status)
+    submitted_params = []
+    for gpus, group in groups.items():
+        executor = submitit.SlurmExecutor(folder=launch.folder)
+        params = parameters(grid, gpus, len(group))
+        executor.update_parameters(**params)
+        jobs = executor.map_array(CellTask(), [s.cell.config.to_yaml() for s in group])
+        for status, job in zip(group, jobs):
+            launch.jobs[status.cell.run_id] = str(job.job_id)
+        launch.arrays.append(str(jobs[0].job_id).split("_", 1)[0])
+        submitted_params.append(params)
+
+    by_store: dict[str, list[Cell]] = {}
+    for status in launch.statuses:
+        by_store.setdefault(status.cell.config.results.store_uri, []).append(status.cell)
+    for store_uri, cells in by_store.items():
+        mine = [s for s in launch.todo if s.cell.config.results.store_uri == store_uri]
+        body = {
+            "grid": str(grid.label), "axes": [a.name for a in grid.axes], "array_job_ids": launch.arrays,
+            "cells": [{"name": s.cell.name, "run_id": s.cell.run_id, "axes": s.cell.axes,
+                       "job_id": launch.jobs[s.cell.run_id]} for s in mine],
+            "backend": {"slurm": records.backend_dict(grid.backend.slurm)}, "sbatch": submitted_params,
+            "submitit_folder": str(launch.folder), "git_sha": git_sha(),
+        }
+        launch.record_uris.append(records.write_record(store_uri, grid.name, "launch", body))
+        write_sweep_manifest(store_uri, grid.name, [{"run_id": c.run_id, "name": c.name,
+                                                "axes": json.dumps(c.axes, default=str)}  # axis order kept
+                                               for c in cells])
+    return launch

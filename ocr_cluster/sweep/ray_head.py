@@ -1,0 +1,142 @@
+"""A private Ray head for one SLURM allocation: its own ports, its own short temp dir, on 127.0.0.1.
+
+Several cells (and other users' Ray) may share a node, so the head never joins another Ray instance
+and is stopped by its process group, never with `ray stop` (which kills every Ray on the machine).
+
+    head = start_head(num_cpus=8)       # or spawn_head(...) then head.wait_ready(); RAY_ADDRESS: head.address
+    ...
+    head.stop()
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Every Ray process: loopback only, no usage stats, no 30 s drain on SIGTERM.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+PORT_FLAGS = ("port", "node-manager-port", "object-manager-port", "ray-client-server-port", "metrics-export-port",
+              "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+READY_LINE = "Ray runtime started"
+
+
+class RayHeadError(RuntimeError):
+    """The private head did not come up; the message holds the tail of its log."""
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1 (each socket stays bound until all are picked)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def ray_executable() -> str:
+    beside = Path(sys.executable).parent / "ray"  # the venv the launcher (and submitit) runs in
+    found = str(beside) if beside.exists() else shutil.which("ray")
+    if not found:
+        raise RayHeadError(f"no `ray` executable next to {sys.executable} or on PATH")
+    return found
+
+
+@dataclass
+class RayHead:
+    pid: int
+    address: str                # GCS address, for RAY_ADDRESS
+    temp_dir: Path
+    env: dict[str, str] = field(default_factory=dict)   # what a client of this head needs (auth token)
+    log: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def wait_ready(self, timeout: float = 120.0) -> RayHead:
+        """Wait until `ray start` says the head is up; RayHeadError (and the head stopped) otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+            if self.log is not None and READY_LINE in self.log.read_text(errors="ignore"):
+                return self
+            time.sleep(0.3)
+        tail = self.log.read_text(errors="ignore")[-1500:] if self.log is not None else ""
+        code = self.proc.poll() if self.proc is not None else None
+        state = f"exited with {code}" if code is not None else f"not up after {timeout:.0f}s"
+        self.stop()
+        raise RayHeadError(f"the private Ray head {state}; log tail:\n{tail}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the head's process group, SIGKILL what is left after `timeout`, remove its temp dir."""
+        _signal_group(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _group_alive(self.pid):
+            time.sleep(0.2)
+        _signal_group(self.pid, signal.SIGKILL)
+        _reap(self.pid)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    _reap(pgid)
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def spawn_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0,
+               base_env: dict[str, str] | None = None) -> RayHead:
+    """Start `ray start --head --block` in its own session; `wait_ready()` waits until it is up."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ocrs_", dir="/tmp"))  # unix socket paths must stay < 107 bytes
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+    # A token of its own: Ray turns token auth on by itself once ~/.ray/auth_token exists.
+    client_env = {**RAY_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    address = f"127.0.0.1:{ports['port']}"
+    # RAY_ADDRESS for the head's own processes too: Ray Train's actors use the state API, which would
+    # otherwise find several Ray instances on a shared node and refuse to pick one.
+    env = {**(base_env if base_env is not None else os.environ), **client_env, "RAY_ADDRESS": address}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    cmd = [ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           *(f"--{flag}={port}" for flag, port in ports.items()), "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats"]
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    if object_store_mb:
+        cmd.append(f"--object-store-memory={object_store_mb * 1024**2}")
+    log = temp_dir / "ray_start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return RayHead(proc.pid, address, temp_dir, client_env, log, proc)
+
+
+def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float = 120.0,
+               base_env: dict[str, str] | None = None) -> RayHead:
+    """spawn_head, then wait until the head is up."""
+    return spawn_head(num_cpus, num_gpus, object_store_mb, base_env).wait_ready(timeout)

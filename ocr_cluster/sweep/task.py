@@ -1,0 +1,178 @@
+"""One SLURM array task = one cell, run exactly as `ray job submit` runs a job.
+
+The task starts a private Ray head for its allocation (ocr_cluster.sweep.ray_head), runs the training
+entry `python -m ocr_cluster.train CELL.yaml` with RAY_ADDRESS set to that head, and stops the head by
+its process group at the end, on failure and on signals. Training, resume and the result rows are the
+driver's: this shim only supplies the cluster and the bookkeeping around it.
+
+Preemption and time limits: the task is submitit-checkpointable. On SLURM's --signal (USR2) submitit
+calls `checkpoint()`, which stops the driver and Ray and hands back the same call; submitit requeues the
+job, and the requeued driver resumes from the run's latest checkpoint (keyed on its run id). An attempt
+that is stopped this way, or by SLURM's SIGTERM (scontrol requeue, scancel, preemption), writes no
+failed row. A cell that fails for good has a failed row: the driver's own after training failed, else
+(preflight, Ray not starting) one written here with the driver's one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+# Process handles of the running attempt. Kept out of the callable: submitit pickles it on checkpoint.
+_RUNNING: dict[str, Any] = {}
+# An exit by any of these means the driver was stopped (Ray's SIGTERM handler exits with 15), not that it failed.
+_KILLED = {15, 143}
+
+
+class CellFailed(RuntimeError):
+    """The cell failed for good; the message is the driver's one-line error."""
+
+
+class CellInterrupted(RuntimeError):
+    """The attempt was stopped by a signal (requeue, preemption, cancel); no failed row is written."""
+
+
+def _job_id() -> str:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
+
+
+def _cpus(cfg) -> int:
+    """Logical CPUs for the head: the allocation's, and at least the workers' plus two for Ray Data."""
+    allocated = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
+    workers = max(cfg.cluster.num_workers, 1) * cfg.cluster.cpus_per_worker
+    return max(allocated, int(workers) + 2)
+
+
+def _stop_running(timeout: float = 10.0) -> None:
+    """Stop the driver (first, so that it cannot see Ray vanish and record a failure), then Ray."""
+    driver = _RUNNING.pop("driver", None)
+    if driver is not None and driver.poll() is None:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        driver.wait()
+    head = _RUNNING.pop("head", None)
+    if head is not None:
+        head.stop(timeout)
+
+
+def _tee(stream, sink, keep: deque) -> None:
+    for line in iter(stream.readline, ""):
+        sink.write(line)
+        sink.flush()
+        keep.append(line)
+
+
+def _error_line(lines: deque, returncode: int) -> str:
+    """The driver's one-line error (`...: error: ...`), else its last line."""
+    text = [ln.strip() for ln in lines if ln.strip()]
+    errors = [ln for ln in text if ": error: " in ln]
+    line = errors[-1].split(": error: ", 1)[1] if errors else (text[-1] if text else "")
+    return line or f"the training entry exited with code {returncode}"
+
+
+def _attempts(cfg) -> int:
+    from ocr_cluster.results import read_attempts
+
+    return read_attempts(cfg.results.store_uri, dataset=cfg.data.dataset, run_id=cfg.run_id).num_rows
+
+
+def _write_failed(cfg, error: str, before: int | None) -> None:
+    """A failed row, unless the driver wrote one (its attempts grew) or the store cannot be reached."""
+    from ocr_cluster.results import row_from_config, write_run
+
+    try:
+        now = _attempts(cfg)
+        if before is not None and now > before:
+            return
+        world = max(cfg.cluster.num_workers, 1)
+        write_run(cfg.results.store_uri, row_from_config(cfg, status="failed", error=error, attempt=now + 1,
+                                                         num_gpus=world if cfg.cluster.use_gpu else 0))
+    except Exception as exc:  # noqa: BLE001 - the store itself may be what is wrong
+        print(f"could not write the failed row to {cfg.results.store_uri}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+
+
+class CellTask(submitit.helpers.Checkpointable):
+    """The callable of every array task: `CellTask()(config_yaml)`."""
+
+    def __call__(self, config_yaml: str) -> dict[str, Any]:
+        from ocr_cluster import config
+        from ocr_cluster.sweep.ray_head import spawn_head
+
+        job_id = _job_id()
+        cell_file = Path(os.environ.get("SUBMITIT_FOLDER", ".")) / f"{job_id}_cell.yaml"
+        cell_file.write_text(config_yaml)
+        cfg = config.load(cell_file)
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(f"cell {cfg.run.name} (run {cfg.run_id}) as SLURM job {job_id}, restart {restarts}", flush=True)
+        stopped = threading.Event()
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):  # SLURM's requeue / cancel / preemption: the attempt is not a failure
+            stopped.set()
+            if callable(previous):
+                previous(signum, frame)
+            _stop_running(timeout=3)  # now: SLURM sends SIGKILL after its KillWait
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        # Read by results.rows for every row of this attempt: the driver's, the workers' (through the
+        # head's environment) and a failed row written here.
+        os.environ.update({"OCR_CLUSTER_LAUNCHER": "slurm", "OCR_CLUSTER_JOB_ID": job_id,
+                           "OCR_CLUSTER_RESTART_COUNT": restarts})
+        base_env = dict(os.environ)
+        before = None
+        tail: deque = deque(maxlen=200)
+        try:
+            try:
+                before = _attempts(cfg)
+            except Exception:  # noqa: BLE001 - the driver's preflight names what is wrong with the store
+                pass
+            try:
+                head = _RUNNING["head"] = spawn_head(_cpus(cfg), base_env=base_env)  # registered: stopped on signals
+                print(f"private Ray head {head.address}, temp dir {head.temp_dir}", flush=True)
+                head.wait_ready()
+            except Exception as exc:  # noqa: BLE001
+                if stopped.is_set():
+                    raise CellInterrupted(f"stopped while starting Ray: {exc}") from None
+                error = f"could not start the cell's Ray head: {exc}".splitlines()[0]
+                _write_failed(cfg, error, before)
+                raise CellFailed(error) from None
+            env = {**base_env, **head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1"}
+            cmd = [sys.executable, "-m", "ocr_cluster.train", str(cell_file)]
+            driver = _RUNNING["driver"] = subprocess.Popen(cmd, env=env, stdout=None, stderr=subprocess.PIPE,
+                                                           text=True, start_new_session=True)
+            reader = threading.Thread(target=_tee, args=(driver.stderr, sys.stderr, tail), daemon=True)
+            reader.start()
+            while driver.poll() is None:
+                time.sleep(0.5)  # signals (USR2, SIGTERM) are handled between sleeps
+            reader.join(timeout=10)
+            code = driver.returncode
+            if code == 0:
+                return {"run_id": cfg.run_id, "name": cfg.run.name, "job_id": job_id, "status": "done"}
+            if stopped.is_set() or code < 0 or code in _KILLED:
+                raise CellInterrupted(f"the driver was stopped (exit {code}); SLURM requeues or ends the job")
+            error = _error_line(tail, code)
+            _write_failed(cfg, error, before)
+            raise CellFailed(error)
+        finally:
+            _stop_running()
+            signal.signal(signal.SIGTERM, previous)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Preempted or at the time limit: stop this attempt cleanly and requeue the same call (the
+        driver resumes from the run's latest checkpoint)."""
+        print("preempted / time limit: stopping the driver and Ray; the job is requeued", flush=True)
+        _stop_running()
+        return super().checkpoint(*args, **kwargs)
