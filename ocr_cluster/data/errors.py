@@ -10,3 +10,8 @@ class DataError(UserInputError):
 
     Errors about one sample name its shard and key, errors about one shard name the shard.
     """
+
+
+class DataUnreachable(DataError):
+    """The data could not be reached (endpoint, credentials, network): bad input before a run starts,
+    but maybe passing trouble once workers read, so a worker's is retried like any other failure."""

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from ocr_cluster import __version__, storage
 from ocr_cluster.data.constants import IGNORE_INDEX
-from ocr_cluster.data.errors import DataError
+from ocr_cluster.data.errors import DataError, DataUnreachable
 
 FORMAT = "ocr_cluster.shards"
 FORMAT_VERSION = 1
@@ -155,7 +155,7 @@ def read_manifest(uri: str) -> Manifest:
                         f"(expected {target})") from None
     except Exception as exc:  # noqa: BLE001 - credentials, endpoint down (botocore's errors are no OSError)
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise DataError(f"cannot read the dataset at {uri}: {type(exc).__name__}: {first}") from None
+        raise DataUnreachable(f"cannot read the dataset at {uri}: {type(exc).__name__}: {first}") from None
     try:
         return Manifest.from_json(text, uri=str(uri).rstrip("/"))
     except (json.JSONDecodeError, TypeError, KeyError) as exc:
@@ -178,8 +178,7 @@ def read_shard_bytes(manifest: Manifest, shard: ShardInfo, *, verify: bool | str
     except storage.StorageError:
         raise DataError(f"shard {uri} is listed in the manifest but missing") from None
     if len(data) != shard.num_bytes:
-        what = "truncated" if len(data) < shard.num_bytes else "longer than the manifest says"
-        raise DataError(f"shard {uri} is {what}: {len(data)} bytes, the manifest says {shard.num_bytes}")
+        raise _size_error(uri, len(data), shard.num_bytes)
     if verify:
         kind = "sha256" if verify == "sha256" or not shard.crc32 else "crc32"
         expected = shard.sha256 if kind == "sha256" else shard.crc32
@@ -188,6 +187,33 @@ def read_shard_bytes(manifest: Manifest, shard: ShardInfo, *, verify: bool | str
             raise DataError(f"shard {uri} has the wrong checksum ({kind} {digest[:16]}, the manifest says "
                             f"{expected[:16]}); it is corrupt or was replaced")
     return data
+
+
+def _size_error(uri: str, size: int, expected: int) -> DataError:
+    what = "truncated" if size < expected else "longer than the manifest says"
+    return DataError(f"shard {uri} is {what}: {size} bytes, the manifest says {expected}")
+
+
+def check_shard_sizes(manifest: Manifest) -> None:
+    """Every shard the manifest lists is there with the size it lists: one listing per shard directory
+    (a split's), no read. A DataError names the first shard that is missing or has another size."""
+    fs, root = storage.filesystem(manifest.uri)
+    by_dir: dict[str, list[ShardInfo]] = {}
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            by_dir.setdefault(posixpath.dirname(shard.path), []).append(shard)
+    for directory, shards in by_dir.items():
+        try:
+            listing = fs.ls(posixpath.join(root, directory) if directory else root, detail=True)
+        except FileNotFoundError:
+            listing = []
+        sizes = {posixpath.basename(entry["name"].rstrip("/")): entry.get("size") for entry in listing}
+        for shard in shards:
+            size = sizes.get(posixpath.basename(shard.path))
+            if size is None:
+                raise DataError(f"shard {manifest.shard_uri(shard)} is listed in the manifest but missing")
+            if int(size) != shard.num_bytes:
+                raise _size_error(manifest.shard_uri(shard), int(size), shard.num_bytes)
 
 
 def crc32_hex(data: bytes) -> str:

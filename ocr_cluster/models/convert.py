@@ -56,6 +56,10 @@ CLASSIFIER_PREFIXES = ("fc.", "classifier.", "incre_modules.", "downsamp_modules
 
 _SHOWN = 10  # names listed per kind in an error message
 
+# What torch.save writes starts with one of these: a zip archive, or (the legacy format) a pickle.
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+NOT_LOADABLE = "not a checkpoint this project, mmseg or HRNet-OCR can load"
+
 
 class CheckpointError(UserInputError):
     """A checkpoint that cannot be read or used; the message is one line meant for the user."""
@@ -94,9 +98,12 @@ class LoadResult:
 def read_checkpoint(uri: str, map_location: Any = "cpu") -> Any:
     """`torch.load(weights_only=True)` of the object at `uri` (path, file://, s3://, gs://)."""
     if storage.scheme(uri) == "file":
-        source: Any = storage.local_path(uri)
-        if not os.path.isfile(source):
+        path = storage.local_path(uri)
+        if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint not found: {uri}")
+        with open(path, "rb") as handle:
+            head = handle.read(len(ZIP_MAGIC))
+        source: Any = path
     else:
         fs, path = storage.filesystem(uri)
         try:
@@ -104,6 +111,10 @@ def read_checkpoint(uri: str, map_location: Any = "cpu") -> Any:
                 source = io.BytesIO(handle.read())
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint not found: {uri}") from None
+        head = source.getvalue()[:len(ZIP_MAGIC)]
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):  # before torch, whose own error advises unsafe loading
+        raise CheckpointError(f"cannot read checkpoint {uri}: {NOT_LOADABLE} (neither a zip archive nor a pickle, "
+                              "the two formats torch.save writes)")
     return _torch_load(source, uri, map_location)
 
 
@@ -115,12 +126,20 @@ def _torch_load(source: Any, uri: str, map_location: Any) -> Any:
                 return torch.load(source, map_location=map_location, weights_only=True)
         return torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError, zip errors, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {uri} with torch.load(weights_only=True): {first} "
-            "(a checkpoint holding Python objects besides tensors and plain values must be "
-            "re-saved with only its state_dict)"
-        ) from None
+        reason = _torch_reason(exc)
+        hint = ("; a checkpoint holding Python objects besides tensors and plain values must be re-saved with "
+                "only its state_dict") if "global" in reason.lower() else ""
+        raise CheckpointError(f"cannot read checkpoint {uri}: {NOT_LOADABLE} (torch.load(weights_only=True) "
+                              f"refused it: {reason}{hint})") from None
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The first sentence of torch's error, without its advice to load unsafely or to allowlist classes."""
+    text = str(exc)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
+    lines = [line.strip() for line in (detail.group(1) if detail else text).splitlines() if line.strip()]
+    kept = [line for line in lines if "weights_only" not in line]
+    return re.split(r"(?<=[^.])\.(?:\s|$)", kept[0])[0] if kept else type(exc).__name__
 
 
 def _numpy_safe_globals() -> list:
@@ -383,18 +402,23 @@ def mismatch_message(what: str, missing, unexpected, mismatched) -> str:
 
 
 def load_state_dict_checked(module: nn.Module, sd: Mapping[str, torch.Tensor], *, strict: bool = True,
-                            what: str = "checkpoint") -> tuple[list, list, list]:
+                            what: str = "checkpoint", check_only: bool = False) -> tuple[list, list, list]:
     """Copy `sd` into `module`; strict raises one CheckpointMismatchError listing every problem.
 
     Non-strict loads the keys present with the right shape and returns (missing, unexpected,
     mismatched). Missing `num_batches_tracked` buffers are never an error (old checkpoints
-    lack them); they keep the model's value.
+    lack them); they keep the model's value. `check_only`: the same checks, nothing copied.
     """
     target = module.state_dict()
     missing, unexpected, mismatched = _compare(target, sd)
     if strict and (missing or unexpected or mismatched):
-        raise CheckpointMismatchError(mismatch_message(what, missing, unexpected, mismatched),
-                                      missing, unexpected, mismatched)
+        message = mismatch_message(what, missing, unexpected, mismatched)
+        if sd and len(unexpected) == len(sd):  # no key in common: not weights of this kind of model at all
+            message = (f"{what} is {NOT_LOADABLE}: none of its keys [{_shown(unexpected)}] is a weight of the "
+                       f"model ({message.split(': ', 1)[1]})")
+        raise CheckpointMismatchError(message, missing, unexpected, mismatched)
+    if check_only:
+        return missing, unexpected, mismatched
     bad = {k for k, _, _ in mismatched}
     usable = {k: v for k, v in sd.items() if k in target and k not in bad}
     module.load_state_dict(usable, strict=False)
@@ -411,7 +435,7 @@ def _backbone_weights(sd: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.
 
 
 def load_checkpoint(model: nn.Module, uri: str, *, strict: bool = True, backbone_only: bool = False,
-                    map_location: Any = "cpu") -> LoadResult:
+                    map_location: Any = "cpu", check_only: bool = False) -> LoadResult:
     """Load the checkpoint at `uri` (path, file://, s3://, gs://) into `model`.
 
     Reads this project's format, mmsegmentation checkpoints, HRNet-OCR checkpoints (renamed,
@@ -419,7 +443,8 @@ def load_checkpoint(model: nn.Module, uri: str, *, strict: bool = True, backbone
     ImageNet backbone weights (MSRA HRNet, mmseg V1c ResNet; classifier keys ignored), or the
     backbone part of any segmentor checkpoint, into `model.backbone`, strict over the
     backbone's keys. A strict load that does not fit raises CheckpointMismatchError (a
-    ValueError) naming the missing, unexpected and mis-shaped keys.
+    ValueError) naming the missing, unexpected and mis-shaped keys. `check_only`: every check,
+    no weight copied (see `check_checkpoint`).
     """
     model = _bare(model)
     obj = read_checkpoint(uri, map_location=map_location)
@@ -432,7 +457,7 @@ def load_checkpoint(model: nn.Module, uri: str, *, strict: bool = True, backbone
         if not weights:
             raise CheckpointError(f"checkpoint {uri} ({fmt}) holds no backbone weights")
         missing, unexpected, mismatched = load_state_dict_checked(
-            backbone, weights, strict=strict, what=f"backbone checkpoint {uri} ({fmt})")
+            backbone, weights, strict=strict, what=f"backbone checkpoint {uri} ({fmt})", check_only=check_only)
         loaded = len(weights) - len(unexpected) - len(mismatched)
         return LoadResult(fmt, meta, loaded, missing, unexpected, mismatched)
     if fmt == "backbone":
@@ -444,13 +469,20 @@ def load_checkpoint(model: nn.Module, uri: str, *, strict: bool = True, backbone
             )
         fmt = "state_dict"  # keys in no known layout: the strict check below names them
     missing, unexpected, mismatched = load_state_dict_checked(
-        model, sd, strict=strict, what=f"checkpoint {uri} ({fmt})")
+        model, sd, strict=strict, what=f"checkpoint {uri} ({fmt})", check_only=check_only)
     loaded = len(sd) - len(unexpected) - len(mismatched)
-    if fmt in ("hrnet_ocr", "hrnet_seg") and getattr(model, "align_corners", None) is False:
+    if fmt in ("hrnet_ocr", "hrnet_seg") and getattr(model, "align_corners", None) is False and not check_only:
         warnings.warn(f"{uri}: HRNet-Semantic-Segmentation weights were trained with align_corners=True "
                       "(OCRNET_SPEC.md §9.2); build the model with align_corners=True to reproduce them",
                       stacklevel=2)
     return LoadResult(fmt, meta, loaded, missing, unexpected, mismatched)
+
+
+def check_checkpoint(model: nn.Module, uri: str, *, backbone_only: bool = False) -> str:
+    """Whether `load_checkpoint(model, uri, backbone_only=...)` would succeed, without copying a weight, so
+    `model` may live on the meta device (built under `torch.device("meta")`: no memory for its weights).
+    Returns the checkpoint's format; raises the CheckpointError the load would raise."""
+    return load_checkpoint(model, uri, backbone_only=backbone_only, check_only=True).format
 
 
 # ------------------------------------------------------------------------------- writing

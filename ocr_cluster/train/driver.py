@@ -24,6 +24,10 @@ class TrainSetupError(UserInputError):
     """Bad input found before training starts; one line for the user."""
 
 
+class TrainInputError(UserInputError):
+    """Bad input a worker found (a bad sample, weights that do not load); ended without a retry."""
+
+
 class TrainFailed(ReportedFailure):
     """The run failed for good (after Ray Train's retries); a failed row was written."""
 
@@ -96,6 +100,7 @@ def preflight(cfg: Config) -> RunStart:
     TrainSetupError (or DataError) with one line."""
     from ocr_cluster.data.errors import DataError
     from ocr_cluster.data.pipeline import open_dataset
+    from ocr_cluster.data.shards import check_shard_sizes
 
     for key, uri in (("data.uri", cfg.data.uri), ("storage.checkpoint_uri", cfg.storage.checkpoint_uri),
                      ("results.store_uri", cfg.results.store_uri)):
@@ -108,6 +113,7 @@ def preflight(cfg: Config) -> RunStart:
 
     try:
         manifest = open_dataset(cfg.data)
+        check_shard_sizes(manifest)  # a truncated or missing shard now, not in a worker
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - endpoint, credentials, missing bucket: all one line
@@ -133,7 +139,33 @@ def preflight(cfg: Config) -> RunStart:
             bucket = storage.filesystem(uri)[1].split("/", 1)[0]
             _must_exist(key, uri, f"{storage.scheme(uri)}://{bucket}", f"bucket '{bucket}' of {uri} does not exist")
     layout = RunLayout.from_config(cfg)
-    return RunStart(layout, num_classes, manifest, latest_checkpoint_iter(layout))
+    start = RunStart(layout, num_classes, manifest, latest_checkpoint_iter(layout))
+    if start.start_iter == 0:  # the weights a fresh start loads (a resume loads its checkpoint instead)
+        key = "model.pretrained" if cfg.model.pretrained else "model.pretrained_backbone"
+        uri = cfg.model.pretrained or cfg.model.pretrained_backbone
+        if uri:
+            check_pretrained(cfg, key, uri, num_classes, backbone_only=key == "model.pretrained_backbone")
+    return start
+
+
+def check_pretrained(cfg: Config, key: str, uri: str, num_classes: int, backbone_only: bool) -> None:
+    """The checkpoint at `uri` loads into the run's model as the workers will load it. The model is built
+    on the meta device (no memory for weights); the file is read whole."""
+    import torch
+
+    from ocr_cluster.models import build_model
+    from ocr_cluster.models.convert import CheckpointError, check_checkpoint
+
+    with torch.device("meta"):
+        model = build_model(cfg.model.backbone, cfg.model.head, num_classes, align_corners=cfg.model.align_corners,
+                            dropout_ratio=cfg.model.dropout_ratio, norm=cfg.model.norm,
+                            aux_weight=cfg.loss.aux_weight)
+    try:
+        check_checkpoint(model, uri, backbone_only=backbone_only)
+    except CheckpointError as exc:
+        raise TrainSetupError(f"{key}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - endpoint, credentials: one line
+        raise TrainSetupError(f"{key}: cannot read {uri}: {_reason(exc)}") from None
 
 
 def _cluster_address(cfg: Config) -> str | None:
@@ -221,6 +253,7 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
     from ray.train.torch import TorchTrainer
 
     from ocr_cluster.data.pipeline import epoch_at, epochs_for, train_dataset
+    from ocr_cluster.train.input_errors import StopOnInputError
     from ocr_cluster.train.loop import train_fn_per_worker
 
     start_epoch = epoch_at(start.start_iter, cfg.data.batch_size, start.manifest)
@@ -241,6 +274,7 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
             name=start.layout.run_id, storage_path=storage_path,
             storage_filesystem=storage_fs if storage.is_remote(cfg.storage.checkpoint_uri) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            callbacks=[StopOnInputError()],  # bad input a worker finds is not retried
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.num_to_keep),
             logging_config=logs.train_logging_config()),
     )
@@ -276,7 +310,18 @@ def run(cfg: Config) -> int:
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray gave up after max_failures: record it, then one line
-        reason = worker_error(exc)
-        write_failed(cfg, layout, f"{reason}\n\n{exc}")
+        import ray
+
+        from ocr_cluster.train.input_errors import ANSI, input_error_line
+
+        ray.shutdown()  # no more relayed worker logs: the line the job ends with is ours
+        line = input_error_line(exc)
+        if line is not None:  # bad input a worker found: one attempt, exit 2 with its line
+            write_failed(cfg, layout, line)
+            print(f"run {layout.run_id} stopped on bad input, not retried; a failed row is in "
+                  f"{cfg.results.store_uri}", flush=True)
+            raise TrainInputError(line) from None
+        reason = ANSI.sub("", worker_error(exc))
+        write_failed(cfg, layout, ANSI.sub("", f"{reason}\n\n{exc}"))
         raise TrainFailed(f"run {layout.run_id} failed: {reason}; a failed row is in {cfg.results.store_uri}") from exc
     return 0

@@ -28,6 +28,7 @@ from ocr_cluster.models.convert import load_checkpoint
 from ocr_cluster.train import checkpoint
 from ocr_cluster.train.clock import RunClock
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
+from ocr_cluster.train.input_errors import bad_input_ends_the_run
 from ocr_cluster.train.layout import RunLayout, checkpoint_dir
 from ocr_cluster.train.losses import segmentation_loss
 from ocr_cluster.train.metrics import IoUMetric
@@ -85,13 +86,14 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
 
 def train_fn_per_worker(loop_config: dict) -> None:
     logs.train_worker()
-    trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"))
-    with trainer.progress:  # rank 0's TensorBoard events are uploaded at the end, also when the run fails
-        clock = trainer.start()
-        for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
-            lr = trainer.train_step(it)
-            trainer.after_step(it + 1, lr)
-        trainer.finish(clock)
+    with bad_input_ends_the_run():  # a retry would meet the same bad sample or weights again
+        trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"))
+        with trainer.progress:  # rank 0's TensorBoard events are uploaded at the end, also when the run fails
+            clock = trainer.start()
+            for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
+                lr = trainer.train_step(it)
+                trainer.after_step(it + 1, lr)
+            trainer.finish(clock)
 
 
 class Trainer:
