@@ -70,6 +70,10 @@ def test_a_default_run_shows_our_lines_and_none_of_rays(tmp_path, synth):
     noise = [line for line in lines if any(pattern in line for pattern in RAY_NOISE)]
     assert not noise, "Ray's lines in a default run:\n" + "\n".join(noise)
     assert len(lines) <= 12, text  # the lines above and a note or two, not a page
+    from ocr_cluster.results import read_runs
+
+    (row,) = read_runs(str(tmp_path / "results")).to_pylist()
+    assert row["launcher"] == "local" and row["scheduler_job_id"] is None, row  # started its own Ray
 
 
 def test_verbose_shows_rays_lines_too(tmp_path, synth):

@@ -133,6 +133,8 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert len(row["iou_per_class"]) == 4 and row["fps"] and row["fps"] > 0
     assert row["checkpoint_uri"] == f"{root}/runs/{row['run_id']}/checkpoint_iter=0000006/model.pt"
     assert row["skipped_samples"] == 0
+    # launched by `ray job submit`: the workers write what the job's driver saw
+    assert row["launcher"] == "ray-job" and row["scheduler_job_id"].startswith("raysubmit_"), row
     assert storage.exists(row["checkpoint_uri"])  # the final checkpoint is on S3
     assert "testing" not in json.dumps(row, default=str)  # no credential in the row
     assert row["total_time_s"] == row["train_time_s"] > 0  # one attempt: the run's time is its time

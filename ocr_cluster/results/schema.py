@@ -68,7 +68,7 @@ SCHEMA = pa.schema([
                                           # to the checkpoint the next one resumed from, plus the last attempt's;
                                           # a crashed attempt's seconds after its last checkpoint are not known
     # how the attempt was launched (version 4)
-    ("launcher", pa.string()),            # "slurm", "ray-job", "local"; null when unknown
+    ("launcher", pa.string()),            # "slurm", "ray-job", "ray" (a driver that joins), "local"; null: unknown
     ("scheduler_job_id", pa.string()),    # e.g. the SLURM job id "1234_5" or the Ray job submission id
     ("restart_count", pa.int32()),        # scheduler requeues before this attempt (SLURM_RESTART_COUNT)
 ], metadata={"ocr_cluster.schema_version": str(SCHEMA_VERSION)})

@@ -255,6 +255,7 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
     from ocr_cluster.data.pipeline import epoch_at, epochs_for, train_dataset
     from ocr_cluster.train.input_errors import StopOnInputError
     from ocr_cluster.train.loop import train_fn_per_worker
+    from ocr_cluster.train.results import attempt_launch
 
     start_epoch = epoch_at(start.start_iter, cfg.data.batch_size, start.manifest)
     dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=start_epoch, manifest=start.manifest,
@@ -265,7 +266,8 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
     resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config_yaml": cfg.to_yaml(), "skip_counter": skip_counter},
+        train_loop_config={"config_yaml": cfg.to_yaml(), "skip_counter": skip_counter,
+                           "launch": attempt_launch(cfg)},
         datasets={"train": dataset},
         # cluster.num_workers as given: 0 is Ray's local mode (one worker, the layout's world of 1).
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,

@@ -87,7 +87,8 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
 def train_fn_per_worker(loop_config: dict) -> None:
     logs.train_worker()
     with bad_input_ends_the_run():  # a retry would meet the same bad sample or weights again
-        trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"))
+        trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"),
+                          loop_config.get("launch"))
         with trainer.progress:  # rank 0's TensorBoard events are uploaded at the end, also when the run fails
             clock = trainer.start()
             for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
@@ -100,8 +101,8 @@ class Trainer:
     """One worker's share of the run. Built: the model (pretrained weights on a fresh start), its
     optimizer and AMP scaler, restored from Ray Train's checkpoint on a resume."""
 
-    def __init__(self, cfg: config_mod.Config, skip_counter=None):
-        self.cfg, self.skip_counter = cfg, skip_counter
+    def __init__(self, cfg: config_mod.Config, skip_counter=None, launch: dict | None = None):
+        self.cfg, self.skip_counter, self.launch = cfg, skip_counter, launch
         self.layout = layout = RunLayout.from_config(cfg)
         self.manifest = open_dataset(cfg.data)  # read once: classes for the model, the evaluations and the row
         context = ray.train.get_context()
@@ -239,7 +240,7 @@ class Trainer:
             write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
                             mem_gb=mem_gb, train_time_s=train_time, total_time_s=total_time,
                             started_at=dt.datetime.fromtimestamp(clock.started_at, dt.timezone.utc),
-                            num_nodes=self.num_nodes, skipped_samples=skipped)
+                            num_nodes=self.num_nodes, skipped_samples=skipped, launch=self.launch)
 
     def skipped_samples(self, scores: dict) -> int:
         """Bad samples skipped: the training stream's (each counted once, though read every epoch) and the
