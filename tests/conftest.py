@@ -102,13 +102,23 @@ def ray_cluster():
     service = _start("the Ray head", _start_without_credentials)
     saved = {key: os.environ.get(key) for key in service.env}
     os.environ.update(service.env)
+    _reload_ray_token()
     yield RayCluster(service.info["address"], service.info["dashboard_url"], service.env)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    _reload_ray_token()
     service.stop()
+
+
+def _reload_ray_token() -> None:
+    """Ray caches the auth token per process at its first use (ray's own tests reset it the same way); an
+    earlier in-process use would keep a token other than the one just exported (InvalidAuthToken)."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @dataclass
