@@ -149,9 +149,9 @@ def slurm_once(tmp: Path, data: Path, seed: int, env: dict) -> dict:
             return text.splitlines()
 
         started = wait_for(lines, re.compile(r"Starting with JobEnvironment"), 600)
-        first = wait_for(lines, ITER_LINE, 600)
-        if started is None or first is None:
-            raise RuntimeError("no task start or iter line in 600 s:\n" + "\n".join(lines()[-20:]))
+        first = wait_for(lines, re.compile(ITER_LINE.pattern + r"|submitit ERROR"), 600)
+        if started is None or first is None or not any(ITER_LINE.search(line) for line in lines()):
+            raise RuntimeError("no task start or iter line:\n" + "\n".join(lines()[-20:]))
         return {"submit_to_start": started - start, "start_to_iter": first - started, "submit_to_iter": first - start}
     finally:
         run([*CLI, "sweep", "cancel", str(grid)], env=env, check=False)
@@ -198,11 +198,15 @@ def bench_overhead(repeats: int, tmp: Path, env: dict, stack: list) -> None:
     for i in range(repeats):
         for way in ("slurm", "ray"):
             seed = 1000 * (way == "ray") + i + 1
-            got = slurm_once(tmp, data, seed, env) if way == "slurm" else ray_once(tmp, data, seed, ray)
+            try:
+                got = slurm_once(tmp, data, seed, env) if way == "slurm" else ray_once(tmp, data, seed, ray)
+            except RuntimeError as exc:  # a trial that failed is reported, not timed
+                print(f"  {way} #{i + 1}: FAILED: {str(exc)[-1500:]}", flush=True)
+                continue
             results[way].append(got)
             print(f"  {way} #{i + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items()), flush=True)
     for way, rows in results.items():
-        for key in rows[0]:
+        for key in rows[0] if rows else ():
             print(f"{way} {key}: {spread([r[key] for r in rows])}", flush=True)
 
 
