@@ -1,0 +1,244 @@
+"""Cost of the sweep commands and of the SLURM path per cell (a benchmark, not a test).
+
+    .venv/bin/python benchmarks/bench_sweep.py --plan                 # `sweep plan` of the largest grid
+    .venv/bin/python benchmarks/bench_sweep.py --launch 100           # `sweep launch` of a 100-cell grid
+    .venv/bin/python benchmarks/bench_sweep.py --overhead --repeats 3 # task start -> first step, vs ray job submit
+
+--plan      wall time of `ocr-cluster sweep plan` as a fresh process on the grid of sweeps/ with the most
+            runs, with --no-store and with an empty local store (median of --repeats).
+--launch N  a grid of N cells (jobs/quickstart.yaml, one axis of N schedule.iters values) whose data.uri is
+            missing, so a task that ran would fail its preflight at once; times `sweep launch` (it returns
+            once the array is queued), then `sweep cancel`s it.
+--overhead  one tiny cell (hrnetv2_w18_small, 64x64 crop, 16 synthetic samples, log_interval 1), run
+            --repeats times each way, interleaved:
+              slurm  `sweep launch` of a one-cell grid; the task log is polled every 50 ms: submit -> task
+                     start (submitit's first log line) -> first "iter" line;
+              ray    `ray job submit` of `python -m ocr_cluster.train CELL` with the README's runtime env
+                     on a warm Ray head: submit -> first "iter" line of the followed job log.
+            Each run is stopped (sweep cancel / ray job stop) once its first iteration is logged.
+
+SLURM and Ray come from scripts/services.py, started here and stopped by PID; with SLURM_CONF already set
+the benchmark uses that SLURM instead. Everything else lives in a temp dir, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import services  # noqa: E402
+
+from ocr_cluster.sweep.grid import load  # noqa: E402
+
+BIN = Path(sys.executable).parent
+CLI = [str(BIN / "ocr-cluster")]
+ITER_LINE = re.compile(r"\] iter \d+/\d+ \|")
+
+
+def run(cmd: list[str], env: dict | None = None, check: bool = True) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    took = time.perf_counter() - start
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return took, proc.stdout + proc.stderr
+
+
+def spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f} s (min {min(values):.2f}, max {max(values):.2f}, n={len(values)})"
+
+
+def machine() -> None:
+    load_avg = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average {load_avg}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_plan(repeats: int, tmp: Path) -> None:
+    grids = {path: len(load(path).cells()) for path in sorted((REPO / "sweeps").glob("*.yaml"))}
+    largest = max(grids, key=grids.get)
+    print("runs per grid: " + ", ".join(f"{p.stem} {n}" for p, n in grids.items()))
+    grid = str(largest.relative_to(REPO))
+    store = tmp / "empty_store"
+    store.mkdir()
+    for label, extra in (("--no-store", ["--no-store"]), ("empty local store", ["--store", str(store)])):
+        times = [run([*CLI, "sweep", "plan", grid, *extra])[0] for _ in range(repeats)]
+        print(f"sweep plan {grid} ({grids[largest]} runs), {label}: {spread(times)}", flush=True)
+
+
+def slurm_env(stack: list) -> dict[str, str]:
+    if os.environ.get("SLURM_CONF"):
+        return dict(os.environ)
+    service = services.start_slurm()
+    stack.append(service)
+    print(f"started SLURM: {service.env['SLURM_CONF']}", flush=True)
+    return {**os.environ, **service.env}
+
+
+def write_grid(path: Path, name: str, base: str, sets: dict, axes: dict | None = None, seeds=None) -> Path:
+    body: dict = {"name": name, "base": base, "set": sets,
+                  "backend": {"slurm": {"gpus_per_node": 0, "time": "10:00"}}}
+    if axes:
+        body["axes"] = axes
+    if seeds is not None:
+        body["seeds"] = seeds
+    path.write_text(json.dumps(body, indent=1))  # YAML is a superset of JSON
+    return path
+
+
+def bench_launch(cells: int, tmp: Path, env: dict) -> None:
+    grid = write_grid(tmp / "launch_grid.yaml", f"bench_launch_{os.getpid()}", str(REPO / "jobs/quickstart.yaml"),
+                      {"data.uri": str(tmp / "missing_data"), "storage.checkpoint_uri": str(tmp / "runs"),
+                       "results.store_uri": str(tmp / "launch_store")},
+                      axes={"schedule.iters": list(range(100, 100 + cells))})
+    try:
+        took, out = run([*CLI, "sweep", "launch", str(grid), "--folder", str(tmp / "folder")], env=env)
+        print(f"sweep launch of {cells} cells: {took:.2f} s ({out.splitlines()[0]})", flush=True)
+    finally:
+        took, out = run([*CLI, "sweep", "cancel", str(grid)], env=env, check=False)
+        print(f"sweep cancel: {took:.2f} s ({out.strip().splitlines()[0] if out.strip() else ''})", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_cell(tmp: Path, data: Path, seed: int) -> dict:
+    where = tmp / f"cell{seed}"
+    return {"model.backbone": "hrnetv2_w18_small", "model.head": "ocr", "data.dataset": "synthetic",
+            "data.uri": str(data), "data.crop_size": "64x64", "data.scale": "64x64", "data.batch_size": 2,
+            "schedule.iters": 20, "schedule.log_interval": 1, "schedule.checkpoint_interval": 20,
+            "evaluation.interval": 20, "evaluation.fps_images": 6, "cluster.num_workers": 2,
+            "storage.checkpoint_uri": str(where / "runs"), "results.store_uri": str(where / "store"),
+            "run.seed": seed}
+
+
+def wait_for(lines, pattern: re.Pattern, timeout: float) -> float | None:
+    """perf_counter time at which a line matching `pattern` came out of `lines()` (called repeatedly)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if any(pattern.search(line) for line in lines()):
+            return time.perf_counter()
+        time.sleep(0.05)
+    return None
+
+
+def slurm_once(tmp: Path, data: Path, seed: int, env: dict) -> dict:
+    grid = write_grid(tmp / f"slurm_{seed}.yaml", f"bench_cell_{os.getpid()}_{seed}", str(REPO / "jobs/quickstart.yaml"),
+                      tiny_cell(tmp, data, seed))
+    folder = tmp / f"folder_{seed}"
+    start = time.perf_counter()
+    try:
+        run([*CLI, "sweep", "launch", str(grid), "--folder", str(folder)], env=env)
+
+        def lines() -> list[str]:
+            text = "".join(p.read_text(errors="replace") for p in folder.glob("*/*/*_log.*"))
+            return text.splitlines()
+
+        started = wait_for(lines, re.compile(r"Starting with JobEnvironment"), 600)
+        first = wait_for(lines, re.compile(ITER_LINE.pattern + r"|submitit ERROR"), 600)
+        if started is None or first is None or not any(ITER_LINE.search(line) for line in lines()):
+            raise RuntimeError("no task start or iter line:\n" + "\n".join(lines()[-20:]))
+        return {"submit_to_start": started - start, "start_to_iter": first - started, "submit_to_iter": first - start}
+    finally:
+        run([*CLI, "sweep", "cancel", str(grid)], env=env, check=False)
+
+
+def ray_once(tmp: Path, data: Path, seed: int, ray) -> dict:
+    cell = tmp / f"ray_{seed}.yaml"
+    cell.write_text(json.dumps({"base": str(REPO / "jobs/quickstart.yaml"), **_nested(tiny_cell(tmp, data, seed))}))
+    env = {**os.environ, **ray.env, "RAY_ADDRESS": ray.info["dashboard_url"]}
+    runtime_env = run([sys.executable, "-m", "ocr_cluster.runtime_env", "jobs/runtime_env.yaml"], env=env)[1]
+    job = f"bench_{os.getpid()}_{seed}"
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "ray"), "job", "submit", "--submission-id", job, "--runtime-env-json",
+                             runtime_env.strip(), "--", "python", "-m", "ocr_cluster.train", str(cell)],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen: list[str] = []
+        for line in proc.stdout:
+            seen.append(line)
+            if ITER_LINE.search(line):
+                return {"submit_to_iter": time.perf_counter() - start}
+        raise RuntimeError("ray job ended without an iter line:\n" + "".join(seen[-20:]))
+    finally:
+        run([str(BIN / "ray"), "job", "stop", job], env=env, check=False)
+        proc.terminate()
+        proc.wait()
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        section, _, leaf = key.partition(".")
+        out.setdefault(section, {})[leaf] = value
+    return out
+
+
+def bench_overhead(repeats: int, tmp: Path, env: dict, stack: list) -> None:
+    data = tmp / "tiny_data"
+    run([*CLI, "data", "synth", str(data), "--num-train", "16", "--num-val", "4", "--size", "64x64"])
+    ray = services.start_ray()
+    stack.append(ray)
+    print(f"started Ray head at {ray.info['address']}", flush=True)
+    results: dict[str, list[dict]] = {"slurm": [], "ray": []}
+    for i in range(repeats):
+        for way in ("slurm", "ray"):
+            seed = 1000 * (way == "ray") + i + 1
+            try:
+                got = slurm_once(tmp, data, seed, env) if way == "slurm" else ray_once(tmp, data, seed, ray)
+            except RuntimeError as exc:  # a trial that failed is reported, not timed
+                print(f"  {way} #{i + 1}: FAILED: {str(exc)[-1500:]}", flush=True)
+                continue
+            results[way].append(got)
+            print(f"  {way} #{i + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items()), flush=True)
+    for way, rows in results.items():
+        for key in rows[0] if rows else ():
+            print(f"{way} {key}: {spread([r[key] for r in rows])}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", action="store_true")
+    parser.add_argument("--launch", type=int, metavar="N", default=0)
+    parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not (args.plan or args.launch or args.overhead):
+        parser.error("choose at least one of --plan, --launch N, --overhead")
+    os.environ.update(services.RAY_ENV)
+    stack: list = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    machine()
+    try:
+        if args.plan:
+            bench_plan(args.repeats, tmp)
+        if args.launch or args.overhead:
+            env = slurm_env(stack)
+            if args.launch:
+                bench_launch(args.launch, tmp, env)
+            if args.overhead:
+                bench_overhead(args.repeats, tmp, env, stack)
+        machine()
+    finally:
+        for service in reversed(stack):
+            service.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
