@@ -36,9 +36,15 @@ from ocr_cluster.train.progress import Progress, say
 from ocr_cluster.train.schedule import build_optimizer, set_lr
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None) -> torch.dtype | None:
+    """cluster.amp as a dtype. `auto`: bf16 where the GPU has it natively (compute capability >= 8.0, Ampere
+    on), else fp16 with the GradScaler: torch.cuda.is_bf16_supported() also says yes where bf16 is only
+    emulated (V100, T4), which is slower than fp32. None on CPU. `capability` defaults to the device's."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        major, _ = capability or torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
