@@ -18,3 +18,74 @@ def test_amp_auto_picks_bf16_only_where_it_is_native():
     assert amp_dtype("auto", torch.device("cpu")) is None
     assert amp_dtype("bf16", cuda, capability=(7, 0)) is torch.bfloat16  # asked for explicitly: as asked
     assert amp_dtype("none", cuda, capability=(9, 0)) is None
+
+
+def _progress(iters: int, log_interval: int, rank: int = 1):
+    """A Progress off rank 0 (no TensorBoard writer): what every rank runs each step."""
+    from types import SimpleNamespace
+
+    from ocr_cluster.train.progress import Progress
+
+    cfg = SimpleNamespace(schedule=SimpleNamespace(iters=iters, log_interval=log_interval))
+    layout = SimpleNamespace(run_id="rtest", tensorboard_uri="unused")
+    return Progress(cfg, layout, start_iter=0, rank=rank, images_per_iter=2)
+
+
+class _HostReads:
+    """Counts the reads of a tensor's value on the host (each one a wait for the GPU there)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("item", "tolist", "__float__", "__bool__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def read(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+        return read
+
+
+def test_losses_stay_on_the_device_until_a_log_line(monkeypatch):
+    progress = _progress(iters=12, log_interval=4)
+    reads = _HostReads(monkeypatch)
+    for done in range(1, 13):
+        for _ in range(2):  # accum_steps 2
+            progress.add_loss(torch.tensor(float(done)), {"decode": torch.tensor(1.0), "aux": torch.tensor(0.5)}, 2)
+        progress.step(done, lr=0.01)
+    assert reads.count == 3  # one read per log line (iterations 4, 8, 12), none per step
+
+
+def test_the_reported_losses_are_the_window_means():
+    progress = _progress(iters=10, log_interval=5)
+    for done in (1, 2):
+        progress.add_loss(torch.tensor(float(done)), {"decode": torch.tensor(2.0 * done)}, 1)
+        progress.step(done, lr=0.01)
+    assert progress.synced(2) == {"loss": 1.5, "loss_decode": 3.0}
+
+
+def test_a_nan_loss_is_caught_at_the_next_log_line_naming_the_window():
+    import pytest
+
+    progress = _progress(iters=20, log_interval=4)
+    for done in range(1, 6):
+        progress.add_loss(torch.tensor(1.0), {}, 1)
+        progress.step(done, lr=0.01)  # the log line at 4 is fine
+    progress.add_loss(torch.tensor(float("nan")), {}, 1)
+    progress.step(6, lr=0.01)  # not a log line: not read yet
+    progress.add_loss(torch.tensor(1.0), {}, 1)
+    progress.step(7, lr=0.01)
+    progress.add_loss(torch.tensor(1.0), {}, 1)
+    with pytest.raises(FloatingPointError, match="the loss became nan between iterations 5 and 8"):
+        progress.step(8, lr=0.01)
+
+
+def test_a_nan_loss_is_caught_before_a_checkpoint_between_log_lines():
+    import pytest
+
+    progress = _progress(iters=20, log_interval=10)
+    progress.add_loss(torch.tensor(float("inf")), {}, 1)
+    progress.step(1, lr=0.01)
+    with pytest.raises(FloatingPointError, match="inf between iterations 1 and 3"):
+        progress.synced(3)  # what after_step calls when an evaluation or a checkpoint is due

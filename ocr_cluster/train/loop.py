@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
 import shutil
 import tempfile
 import time
@@ -205,15 +204,15 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(self.progress.last_loss):
-            raise FloatingPointError(f"the loss became {self.progress.last_loss} at iteration {it + 1}")
-        return lr
+        return lr  # no finite check here: it would wait for the GPU; Progress.synced() checks where it reports
 
     def after_step(self, done: int, lr: float) -> None:
         """Log; evaluate every eval_every and checkpoint every ckpt_every iterations, and both at the end."""
         final = done == self.cfg.schedule.iters
         due_eval, due_ckpt = final or done % self.eval_every == 0, final or done % self.ckpt_every == 0
-        metrics = {"iter": done, "lr": lr, **self.progress.losses()} if due_ckpt else {}  # before step() resets it
+        # Before step() resets the sums; a NaN loss fails here, before it is evaluated or checkpointed.
+        losses = self.progress.synced(done) if due_eval or due_ckpt else {}
+        metrics = {"iter": done, "lr": lr, **losses} if due_ckpt else {}
         self.progress.step(done, lr)
         if due_eval:
             scores = self.evaluate()
