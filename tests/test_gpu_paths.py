@@ -89,3 +89,22 @@ def test_a_nan_loss_is_caught_before_a_checkpoint_between_log_lines():
     progress.step(1, lr=0.01)
     with pytest.raises(FloatingPointError, match="inf between iterations 1 and 3"):
         progress.synced(3)  # what after_step calls when an evaluation or a checkpoint is due
+
+
+def test_cudnn_benchmark_is_switched_for_a_block_and_restored():
+    from ocr_cluster.train.loop import cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True  # as training sets it
+        with cudnn_benchmark(False):
+            assert torch.backends.cudnn.benchmark is False  # evaluation, fps
+        assert torch.backends.cudnn.benchmark is True
+        try:
+            with cudnn_benchmark(False):
+                raise RuntimeError("an evaluation that fails")
+        except RuntimeError:
+            pass
+        assert torch.backends.cudnn.benchmark is True  # restored also then
+    finally:
+        torch.backends.cudnn.benchmark = before

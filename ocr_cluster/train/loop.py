@@ -47,6 +47,19 @@ def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN's autotuner on or off for a block, restored after. On for training (fixed-size crops: each
+    convolution's fastest algorithm is found once); off for evaluation and the fps run, whose image sizes
+    vary and where mmseg measures without it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def intervals(cfg: config_mod.Config) -> tuple[int, int]:
     """(checkpoint, evaluation) intervals in iterations; 0 in the config = a tenth of the run."""
     tenth = max(1, cfg.schedule.iters // 10)
@@ -172,6 +185,7 @@ class Trainer:
         """Training mode, peak-memory counter reset; returns the run's clock, started for this attempt."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed-size crops; evaluate() and the fps run turn it off
         self.clock = RunClock.start(self.resumed_clock)
         self.model.train()
         return self.clock
@@ -224,8 +238,9 @@ class Trainer:
                    clock=self.clock.state())
 
     def evaluate(self, ms_flip: bool = False) -> dict:
-        return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device, self.dtype,
-                              ms_flip=ms_flip)
+        with cudnn_benchmark(False):
+            return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device,
+                                  self.dtype, ms_flip=ms_flip)
 
     def finish(self, clock: RunClock) -> None:
         """The end of the run: ms+flip, speed and memory as mmseg's README columns, then the result row."""
@@ -240,7 +255,8 @@ class Trainer:
             skipped = self.skipped_samples(scores)
             if cfg.data.skip_bad_samples:
                 say(f"[{self.layout.run_id}] skipped {skipped} bad sample(s) (data.skip_bad_samples)")
-            fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
+            with cudnn_benchmark(False):
+                fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
             mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
             write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
                             mem_gb=mem_gb, train_time_s=train_time, total_time_s=total_time,
