@@ -108,3 +108,35 @@ def test_cudnn_benchmark_is_switched_for_a_block_and_restored():
         assert torch.backends.cudnn.benchmark is True  # restored also then
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def _cuda_seeds(monkeypatch) -> list[int]:
+    """The seeds given to the CUDA generators, as if a GPU were there."""
+    seeds: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeds.append)
+    return seeds
+
+
+def test_a_resume_reseeds_rank_0s_cuda_generator_and_keeps_its_restored_cpu_state(monkeypatch):
+    from ocr_cluster.train.loop import reseed_resumed, worker_seed
+
+    torch.manual_seed(123)
+    restored = torch.get_rng_state()  # as checkpoint.load leaves it on rank 0
+    seeds = _cuda_seeds(monkeypatch)
+    reseed_resumed(5, rank=0, start_iter=40, cpu_restored=True)
+    assert torch.equal(torch.get_rng_state(), restored)
+    assert seeds == [worker_seed(5, 0, resumed_at=40)]
+    assert seeds[0] != worker_seed(5, 0)  # not the fresh start's stream: no dropout masks replayed
+
+
+def test_a_resume_reseeds_other_ranks_cpu_and_cuda_per_rank_and_resume_point(monkeypatch):
+    from ocr_cluster.train.loop import reseed_resumed, worker_seed
+
+    _cuda_seeds(monkeypatch)
+    seeded: list[int] = []
+    monkeypatch.setattr(torch, "manual_seed", seeded.append)  # torch.manual_seed seeds CUDA too
+    reseed_resumed(5, rank=1, start_iter=40, cpu_restored=False)
+    reseed_resumed(5, rank=2, start_iter=40, cpu_restored=False)
+    assert seeded == [worker_seed(5, 1, resumed_at=40), worker_seed(5, 2, resumed_at=40)]
+    assert len(set(seeded)) == 2

@@ -75,6 +75,17 @@ def worker_seed(seed: int, rank: int, resumed_at: int | None = None) -> int:
     return seed * 1000003 + rank * 7919 + resumed_at
 
 
+def reseed_resumed(seed: int, rank: int, start_iter: int, cpu_restored: bool) -> None:
+    """After a resume, a fresh stream per rank and resume point, so that no rank replays the dropout masks of
+    the iterations it trained already. Rank 0 has restored its CPU generators from the checkpoint
+    (cpu_restored); the CUDA generators are not checkpointed, so they are reseeded on every rank."""
+    value = worker_seed(seed, rank, resumed_at=start_iter)
+    if not cpu_restored:
+        torch.manual_seed(value)  # the CPU generator and every CUDA device's
+    elif torch.cuda.is_available():
+        torch.cuda.manual_seed_all(value)
+
+
 def _sum_over_ranks(value: int) -> int:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
@@ -175,9 +186,8 @@ class Trainer:
         with resume.as_directory() as directory:
             start_iter, self.resumed_clock = checkpoint.load(directory, self.model, self.optimizer, self.scaler,
                                                              restore_rng=self.rank == 0)
-        if self.rank != 0:
-            torch.manual_seed(worker_seed(self.cfg.run.seed, self.rank, resumed_at=start_iter))
-        else:
+        reseed_resumed(self.cfg.run.seed, self.rank, start_iter, cpu_restored=self.rank == 0)
+        if self.rank == 0:
             say(f"[{self.layout.run_id}] resumed from the checkpoint at iteration {start_iter}")
         return start_iter
 
