@@ -140,3 +140,51 @@ def test_a_resume_reseeds_other_ranks_cpu_and_cuda_per_rank_and_resume_point(mon
     reseed_resumed(5, rank=2, start_iter=40, cpu_restored=False)
     assert seeded == [worker_seed(5, 1, resumed_at=40), worker_seed(5, 2, resumed_at=40)]
     assert len(set(seeded)) == 2
+
+
+class _FakeCudaMemory:
+    """torch.cuda's peak-memory counter as a GPU would keep it: allocate() raises the peak."""
+
+    def __init__(self, monkeypatch):
+        self.current = self.peak = 0
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
+
+    def reset(self, device=None):
+        self.peak = self.current
+
+    def allocate(self, size: int):
+        self.peak = max(self.peak, self.current + size)
+
+
+def test_the_training_peak_leaves_out_evaluations(monkeypatch):
+    from ocr_cluster.train.loop import TrainingPeak
+
+    gpu = _FakeCudaMemory(monkeypatch)
+    memory = TrainingPeak(torch.device("cuda"))
+    memory.restart()
+    gpu.allocate(3 * 1024**3)   # training
+    memory.note()               # before an evaluation
+    gpu.allocate(9 * 1024**3)   # the evaluation (full-size images)
+    memory.restart()            # after it
+    gpu.allocate(4 * 1024**3)   # training again
+    memory.note()               # the end of training
+    gpu.allocate(12 * 1024**3)  # ms+flip and the fps run
+    assert memory.gb_over_ranks() == 4.0
+
+
+def test_the_training_peak_is_none_on_cpu_and_the_max_over_ranks_under_gloo(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    from ocr_cluster.train.loop import TrainingPeak
+
+    assert TrainingPeak(torch.device("cpu")).gb_over_ranks() is None
+    gpu = _FakeCudaMemory(monkeypatch)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        memory = TrainingPeak(torch.device("cuda"))
+        gpu.allocate(2 * 1024**3)
+        memory.note()
+        assert memory.gb_over_ranks() == 2.0  # the all-reduce (MAX) ran, on the CPU under gloo
+    finally:
+        dist.destroy_process_group()

@@ -86,13 +86,38 @@ def reseed_resumed(seed: int, rank: int, start_iter: int, cpu_restored: bool) ->
         torch.cuda.manual_seed_all(value)
 
 
-def _sum_over_ranks(value: int) -> int:
+def _over_ranks(value, dtype: torch.dtype, device: torch.device, op=torch.distributed.ReduceOp.SUM):
+    """`value` reduced over the ranks (itself outside torch.distributed); on `device` under NCCL."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    total = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(total)
-    return int(total.item())
+    on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([value], dtype=dtype, device=on)
+    torch.distributed.all_reduce(total, op=op)
+    return total.item()
+
+
+class TrainingPeak:
+    """The peak GPU memory of training, as mmseg reports it: evaluations, ms+flip and the fps run left out.
+    The peak so far is read before each evaluation and at the end of training, and the counter reset after
+    each evaluation. None on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def note(self) -> None:
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+
+    def restart(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def gb_over_ranks(self) -> float | None:
+        """The largest peak over the ranks in GiB (mmseg: the max over GPUs); every rank calls it."""
+        if self.device.type != "cuda":
+            return None
+        peak = _over_ranks(self.peak, torch.int64, self.device, op=torch.distributed.ReduceOp.MAX)
+        return peak / 1024**3
 
 
 def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=False) -> dict:
@@ -109,7 +134,7 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
     evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest, stats=stats), metric,
              settings, device, dtype)
     metric.all_reduce()
-    skipped = _sum_over_ranks(stats.skipped) if cfg.data.skip_bad_samples else 0
+    skipped = int(_over_ranks(stats.skipped, torch.int64, device)) if cfg.data.skip_bad_samples else 0
     return {**metric.compute(), "skipped": skipped}
 
 
@@ -193,8 +218,9 @@ class Trainer:
 
     def start(self) -> RunClock:
         """Training mode, peak-memory counter reset; returns the run's clock, started for this attempt."""
+        self.memory = TrainingPeak(self.device)
+        self.memory.restart()
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
             torch.backends.cudnn.benchmark = True  # fixed-size crops; evaluate() and the fps run turn it off
         self.clock = RunClock.start(self.resumed_clock)
         self.model.train()
@@ -248,15 +274,21 @@ class Trainer:
                    clock=self.clock.state())
 
     def evaluate(self, ms_flip: bool = False) -> dict:
-        with cudnn_benchmark(False):
-            return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device,
-                                  self.dtype, ms_flip=ms_flip)
+        self.memory.note()  # training's peak so far; the evaluation's own is not counted
+        try:
+            with cudnn_benchmark(False):
+                return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device,
+                                      self.dtype, ms_flip=ms_flip)
+        finally:
+            self.memory.restart()
 
     def finish(self, clock: RunClock) -> None:
         """The end of the run: ms+flip, speed and memory as mmseg's README columns, then the result row."""
         cfg, device = self.cfg, self.device
         now = time.time()
         train_time, total_time = clock.attempt_s(now), clock.total_s(now)
+        self.memory.note()  # the end of training
+        mem_gb = self.memory.gb_over_ranks()  # a collective: every rank, before rank 0's own work below
         scores = self.progress.last_scores or self.evaluate()
         ms_scores = self.evaluate(ms_flip=True) if cfg.evaluation.ms_flip else None
         if self.rank == 0:
@@ -267,7 +299,6 @@ class Trainer:
                 say(f"[{self.layout.run_id}] skipped {skipped} bad sample(s) (data.skip_bad_samples)")
             with cudnn_benchmark(False):
                 fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
-            mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
             write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
                             mem_gb=mem_gb, train_time_s=train_time, total_time_s=total_time,
                             started_at=dt.datetime.fromtimestamp(clock.started_at, dt.timezone.utc),
