@@ -188,3 +188,43 @@ def test_the_training_peak_is_none_on_cpu_and_the_max_over_ranks_under_gloo(monk
         assert memory.gb_over_ranks() == 2.0  # the all-reduce (MAX) ran, on the CPU under gloo
     finally:
         dist.destroy_process_group()
+
+
+def test_the_fps_run_holds_a_few_images_and_cycles_them(monkeypatch):
+    from types import SimpleNamespace
+
+    from ocr_cluster.train import loop
+
+    drawn = []
+
+    def val_images(data, **kwargs):
+        for i in range(500):
+            drawn.append(i)
+            yield {"image": torch.full((3, 4, 6), float(i)), "height": 8, "width": 12}
+
+    timed = {}
+    monkeypatch.setattr(loop, "iter_eval", val_images)
+    monkeypatch.setattr(loop, "measure_fps", lambda model, images, device, **kw: timed.update(images=images, **kw))
+    cfg = SimpleNamespace(data=None, evaluation=SimpleNamespace(fps_images=200))
+    model = SimpleNamespace(final_head=SimpleNamespace(align_corners=True))
+    loop.fps_on_val(model, cfg, None, torch.device("cpu"), None)
+    assert len(drawn) == 8  # not 200 full-size images in memory at once
+    assert len(timed["images"]) == 200 and len({id(image) for image in timed["images"]}) == 8
+    assert [int(image[0, 0, 0]) for image in timed["images"][:10]] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    assert timed["out_sizes"] == [(8, 12)] * 200 and timed["align_corners"] is True
+
+
+def test_measure_fps_times_the_post_processing_at_the_original_size(monkeypatch):
+    import torch.nn.functional as F
+
+    from ocr_cluster.train.inference import measure_fps
+
+    resized = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda x, size=None, **kw: resized.append(size) or interpolate(x, size, **kw))
+    model = torch.nn.Conv2d(3, 4, 1)
+    images = [torch.zeros(3, 4, 6)] * 7
+    fps = measure_fps(model, images, torch.device("cpu"), warmup=5, out_sizes=[(8, 12)] * 7)
+    assert fps is not None and fps > 0
+    assert resized == [(8, 12)] * 7  # the logits resized to the original size in every (timed) call
+    assert model.training  # left as it was
