@@ -228,3 +228,12 @@ def test_measure_fps_times_the_post_processing_at_the_original_size(monkeypatch)
     assert fps is not None and fps > 0
     assert resized == [(8, 12)] * 7  # the logits resized to the original size in every (timed) call
     assert model.training  # left as it was
+
+
+def test_ddp_skips_the_buffer_broadcast_only_with_syncbn():
+    from ocr_cluster.models import convert_sync_batchnorm
+    from ocr_cluster.train.loop import ddp_options
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert ddp_options(model) == {}  # plain BN: DDP broadcasts rank 0's running statistics, as mmseg
+    assert ddp_options(convert_sync_batchnorm(model)) == {"broadcast_buffers": False}

@@ -47,6 +47,13 @@ def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
+def ddp_options(model: torch.nn.Module) -> dict:
+    """DistributedDataParallel's options for `model`. With SyncBN every rank computes the same running
+    statistics (from the global batch), so DDP's broadcast of rank 0's buffers each forward is redundant."""
+    syncbn = any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
+    return {"broadcast_buffers": False} if syncbn else {}
+
+
 @contextlib.contextmanager
 def cudnn_benchmark(enabled: bool):
     """cuDNN's autotuner on or off for a block, restored after. On for training (fixed-size crops: each
@@ -133,7 +140,7 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
     stats = Stats()
     evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest, stats=stats), metric,
              settings, device, dtype)
-    metric.all_reduce()
+    metric.all_reduce(device)
     skipped = int(_over_ranks(stats.skipped, torch.int64, device)) if cfg.data.skip_bad_samples else 0
     return {**metric.compute(), "skipped": skipped}
 
@@ -172,7 +179,8 @@ class Trainer:
         self.resumed_clock: dict | None = None  # the run's clock as of the checkpoint resumed from
         model = self._build_model(fresh=resume is None)
         self.loss_weights = dict(model.loss_weights)
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device,
+                                                   parallel_strategy_kwargs=ddp_options(model))
         self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.start_iter = self._resume(resume) if resume is not None else 0
