@@ -237,3 +237,14 @@ def test_ddp_skips_the_buffer_broadcast_only_with_syncbn():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     assert ddp_options(model) == {}  # plain BN: DDP broadcasts rank 0's running statistics, as mmseg
     assert ddp_options(convert_sync_batchnorm(model)) == {"broadcast_buffers": False}
+
+
+def test_a_warning_when_the_workers_take_every_cpu_ray_data_would_use():
+    from ocr_cluster.train.driver import data_cpus_warning
+
+    line = data_cpus_warning(cluster_cpus=64, workers=8, cpus_per_worker=8)  # 8 vCPUs per GPU
+    assert line == ("warning: the cluster has 64 CPUs and the 8 training worker(s) take 8 x 8 = 64: none left "
+                    "for Ray Data, so training will wait for its data; set cluster.cpus_per_worker lower "
+                    "(e.g. 6) or add CPU nodes")
+    assert data_cpus_warning(cluster_cpus=96, workers=8, cpus_per_worker=8) is None  # 32 left for Ray Data
+    assert data_cpus_warning(cluster_cpus=4, workers=8, cpus_per_worker=1) is not None  # not even the workers'
