@@ -136,7 +136,8 @@ def throughput(device, dtype, quick: bool) -> list[str]:
             images = [torch.randn(3, *FULL)] * (warmup + timed)
             fps = measure_fps(model, images, device, warmup=warmup, autocast_dtype=run_dtype)
             lines.append(f"{backbone:18s} + ocr  {name:8s} training {train_ips:6.1f} img/s "
-                         f"(crop 512x1024, batch 2) | inference {fps:6.2f} img/s (1024x2048, batch 1, resize + argmax included)")
+                         f"(crop 512x1024, batch 2) | inference {fps:6.2f} img/s "
+                         "(1024x2048, batch 1, resize + argmax included)")
             del model
             torch.cuda.empty_cache()
     return lines
