@@ -166,7 +166,9 @@ class ClusterSection:
     cpus_per_worker: float = opt(1.0, hashed=False)
     micro_batch: int = opt(0, "samples per worker per forward; 0 = data.batch_size / num_workers; "
                               "smaller accumulates gradients to the same global batch", hashed=False)
-    amp: str = choice("auto", ("auto", "bf16", "fp16", "none"), "auto = bf16 on GPU, none on CPU")
+    amp: str = choice("auto", ("auto", "bf16", "fp16", "none"),
+                      "auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs, "
+                      "none on CPU")
     max_failures: int = opt(3, "worker-group restarts before the run fails for good", hashed=False)
 
 

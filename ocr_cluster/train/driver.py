@@ -207,6 +207,27 @@ def connect_ray(cfg: Config, layout: RunLayout) -> None:
     ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **logs.ray_init_options(local=True))
 
 
+def data_cpus_warning(cluster_cpus: float, workers: int, cpus_per_worker: float) -> str | None:
+    """One warning line when the training workers' CPUs take all of the cluster's, leaving Ray Data's read
+    and decode tasks none (e.g. cpus_per_worker 8 on nodes with 8 vCPUs per GPU), else None."""
+    taken = workers * cpus_per_worker
+    if cluster_cpus > taken:
+        return None
+    fit = max(1, int(cluster_cpus // max(workers, 1)) - 2)
+    return (f"warning: the cluster has {cluster_cpus:g} CPUs and the {workers} training worker(s) take "
+            f"{workers} x {cpus_per_worker:g} = {taken:g}: none left for Ray Data, so training will wait for "
+            f"its data; set cluster.cpus_per_worker lower (e.g. {fit}) or add CPU nodes")
+
+
+def warn_if_no_data_cpus(cfg: Config, layout: RunLayout) -> None:
+    """After connect_ray: print data_cpus_warning's line for this cluster, if any."""
+    import ray
+
+    line = data_cpus_warning(ray.cluster_resources().get("CPU", 0), layout.world, cfg.cluster.cpus_per_worker)
+    if line:
+        print(line, flush=True)
+
+
 def _node_reads(uri: str) -> str | None:
     """Run on a cluster node: None when `uri` is there to read, else why not, in one line."""
     try:
@@ -302,6 +323,7 @@ def run(cfg: Config) -> int:
         print("note: no model.pretrained_backbone: training from random initialisation; the published "
               "numbers start from ImageNet weights", flush=True)
     connect_ray(cfg, layout)
+    warn_if_no_data_cpus(cfg, layout)
     check_cluster_storage(cfg)
     skip_counter = None
     if cfg.data.skip_bad_samples:  # the training stream's skips, counted by its Ray Data tasks

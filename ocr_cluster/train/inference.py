@@ -121,8 +121,11 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict], metric: IoUMetric,
 
 @torch.no_grad()
 def measure_fps(model: torch.nn.Module, images: list[torch.Tensor], device: torch.device, warmup: int = 5,
-                autocast_dtype: torch.dtype | None = None) -> float | None:
-    """mmseg's tools/benchmark.py: batch 1, whole inference, the first `warmup` images not timed."""
+                autocast_dtype: torch.dtype | None = None, out_sizes: list[tuple[int, int]] | None = None,
+                align_corners: bool = False) -> float | None:
+    """mmseg's tools/benchmark.py: batch 1, whole inference, the first `warmup` images not timed. Timed as
+    mmseg's: the copy to the device, the forward, the logits resized to the original size (`out_sizes`, the
+    image's own by default), the argmax and the class map back on the host."""
     if len(images) <= warmup:
         return None
     was_training = model.training
@@ -130,14 +133,15 @@ def measure_fps(model: torch.nn.Module, images: list[torch.Tensor], device: torc
     elapsed = 0.0
     try:
         for i, image in enumerate(images):
-            x = image.unsqueeze(0).to(device)
+            out_size = out_sizes[i] if out_sizes else tuple(image.shape[-2:])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
+            x = image.unsqueeze(0).to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                logits = model(x)
+            pred = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=align_corners)
+            pred.argmax(1).cpu()  # the copy back waits for the device: no synchronize needed after it
             if i >= warmup:
                 elapsed += time.perf_counter() - start
     finally:

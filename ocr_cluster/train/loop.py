@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
 import shutil
 import tempfile
 import time
@@ -36,10 +35,36 @@ from ocr_cluster.train.progress import Progress, say
 from ocr_cluster.train.schedule import build_optimizer, set_lr
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None) -> torch.dtype | None:
+    """cluster.amp as a dtype. `auto`: bf16 where the GPU has it natively (compute capability >= 8.0, Ampere
+    on), else fp16 with the GradScaler: torch.cuda.is_bf16_supported() also says yes where bf16 is only
+    emulated (V100, T4), which is slower than fp32. None on CPU. `capability` defaults to the device's."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        major, _ = capability or torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def ddp_options(model: torch.nn.Module) -> dict:
+    """DistributedDataParallel's options for `model`. With SyncBN every rank computes the same running
+    statistics (from the global batch), so DDP's broadcast of rank 0's buffers each forward is redundant."""
+    syncbn = any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
+    return {"broadcast_buffers": False} if syncbn else {}
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN's autotuner on or off for a block, restored after. On for training (fixed-size crops: each
+    convolution's fastest algorithm is found once); off for evaluation and the fps run, whose image sizes
+    vary and where mmseg measures without it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def intervals(cfg: config_mod.Config) -> tuple[int, int]:
@@ -57,13 +82,49 @@ def worker_seed(seed: int, rank: int, resumed_at: int | None = None) -> int:
     return seed * 1000003 + rank * 7919 + resumed_at
 
 
-def _sum_over_ranks(value: int) -> int:
+def reseed_resumed(seed: int, rank: int, start_iter: int, cpu_restored: bool) -> None:
+    """After a resume, a fresh stream per rank and resume point, so that no rank replays the dropout masks of
+    the iterations it trained already. Rank 0 has restored its CPU generators from the checkpoint
+    (cpu_restored); the CUDA generators are not checkpointed, so they are reseeded on every rank."""
+    value = worker_seed(seed, rank, resumed_at=start_iter)
+    if not cpu_restored:
+        torch.manual_seed(value)  # the CPU generator and every CUDA device's
+    elif torch.cuda.is_available():
+        torch.cuda.manual_seed_all(value)
+
+
+def _over_ranks(value, dtype: torch.dtype, device: torch.device, op=torch.distributed.ReduceOp.SUM):
+    """`value` reduced over the ranks (itself outside torch.distributed); on `device` under NCCL."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    total = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(total)
-    return int(total.item())
+    on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([value], dtype=dtype, device=on)
+    torch.distributed.all_reduce(total, op=op)
+    return total.item()
+
+
+class TrainingPeak:
+    """The peak GPU memory of training, as mmseg reports it: evaluations, ms+flip and the fps run left out.
+    The peak so far is read before each evaluation and at the end of training, and the counter reset after
+    each evaluation. None on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def note(self) -> None:
+        if self.device.type == "cuda":
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+
+    def restart(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def gb_over_ranks(self) -> float | None:
+        """The largest peak over the ranks in GiB (mmseg: the max over GPUs); every rank calls it."""
+        if self.device.type != "cuda":
+            return None
+        peak = _over_ranks(self.peak, torch.int64, self.device, op=torch.distributed.ReduceOp.MAX)
+        return peak / 1024**3
 
 
 def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=False) -> dict:
@@ -79,8 +140,8 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
     stats = Stats()
     evaluate(bare, iter_eval(cfg.data, rank=rank, world_size=world, manifest=manifest, stats=stats), metric,
              settings, device, dtype)
-    metric.all_reduce()
-    skipped = _sum_over_ranks(stats.skipped) if cfg.data.skip_bad_samples else 0
+    metric.all_reduce(device)
+    skipped = int(_over_ranks(stats.skipped, torch.int64, device)) if cfg.data.skip_bad_samples else 0
     return {**metric.compute(), "skipped": skipped}
 
 
@@ -118,7 +179,8 @@ class Trainer:
         self.resumed_clock: dict | None = None  # the run's clock as of the checkpoint resumed from
         model = self._build_model(fresh=resume is None)
         self.loss_weights = dict(model.loss_weights)
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device,
+                                                   parallel_strategy_kwargs=ddp_options(model))
         self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.start_iter = self._resume(resume) if resume is not None else 0
@@ -157,16 +219,17 @@ class Trainer:
         with resume.as_directory() as directory:
             start_iter, self.resumed_clock = checkpoint.load(directory, self.model, self.optimizer, self.scaler,
                                                              restore_rng=self.rank == 0)
-        if self.rank != 0:
-            torch.manual_seed(worker_seed(self.cfg.run.seed, self.rank, resumed_at=start_iter))
-        else:
+        reseed_resumed(self.cfg.run.seed, self.rank, start_iter, cpu_restored=self.rank == 0)
+        if self.rank == 0:
             say(f"[{self.layout.run_id}] resumed from the checkpoint at iteration {start_iter}")
         return start_iter
 
     def start(self) -> RunClock:
         """Training mode, peak-memory counter reset; returns the run's clock, started for this attempt."""
+        self.memory = TrainingPeak(self.device)
+        self.memory.restart()
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed-size crops; evaluate() and the fps run turn it off
         self.clock = RunClock.start(self.resumed_clock)
         self.model.train()
         return self.clock
@@ -199,15 +262,15 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(self.progress.last_loss):
-            raise FloatingPointError(f"the loss became {self.progress.last_loss} at iteration {it + 1}")
-        return lr
+        return lr  # no finite check here: it would wait for the GPU; Progress.synced() checks where it reports
 
     def after_step(self, done: int, lr: float) -> None:
         """Log; evaluate every eval_every and checkpoint every ckpt_every iterations, and both at the end."""
         final = done == self.cfg.schedule.iters
         due_eval, due_ckpt = final or done % self.eval_every == 0, final or done % self.ckpt_every == 0
-        metrics = {"iter": done, "lr": lr, **self.progress.losses()} if due_ckpt else {}  # before step() resets it
+        # Before step() resets the sums; a NaN loss fails here, before it is evaluated or checkpointed.
+        losses = self.progress.synced(done) if due_eval or due_ckpt else {}
+        metrics = {"iter": done, "lr": lr, **losses} if due_ckpt else {}
         self.progress.step(done, lr)
         if due_eval:
             scores = self.evaluate()
@@ -219,14 +282,21 @@ class Trainer:
                    clock=self.clock.state())
 
     def evaluate(self, ms_flip: bool = False) -> dict:
-        return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device, self.dtype,
-                              ms_flip=ms_flip)
+        self.memory.note()  # training's peak so far; the evaluation's own is not counted
+        try:
+            with cudnn_benchmark(False):
+                return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device,
+                                      self.dtype, ms_flip=ms_flip)
+        finally:
+            self.memory.restart()
 
     def finish(self, clock: RunClock) -> None:
         """The end of the run: ms+flip, speed and memory as mmseg's README columns, then the result row."""
         cfg, device = self.cfg, self.device
         now = time.time()
         train_time, total_time = clock.attempt_s(now), clock.total_s(now)
+        self.memory.note()  # the end of training
+        mem_gb = self.memory.gb_over_ranks()  # a collective: every rank, before rank 0's own work below
         scores = self.progress.last_scores or self.evaluate()
         ms_scores = self.evaluate(ms_flip=True) if cfg.evaluation.ms_flip else None
         if self.rank == 0:
@@ -235,8 +305,8 @@ class Trainer:
             skipped = self.skipped_samples(scores)
             if cfg.data.skip_bad_samples:
                 say(f"[{self.layout.run_id}] skipped {skipped} bad sample(s) (data.skip_bad_samples)")
-            fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
-            mem_gb = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+            with cudnn_benchmark(False):
+                fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
             write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
                             mem_gb=mem_gb, train_time_s=train_time, total_time_s=total_time,
                             started_at=dt.datetime.fromtimestamp(clock.started_at, dt.timezone.utc),
@@ -264,13 +334,18 @@ def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+FPS_DISTINCT_IMAGES = 8  # held at once; ~25 MB each at Cityscapes size, where all fps_images would be ~5 GB
+
+
 def fps_on_val(model, cfg: config_mod.Config, manifest, device: torch.device, dtype) -> float | None:
-    images = []
+    """mmseg's fps over cfg.evaluation.fps_images val images, timed round and round over the first few."""
+    images, sizes = [], []
     for sample in iter_eval(cfg.data, rank=0, world_size=1, manifest=manifest):
         images.append(torch.as_tensor(sample["image"]))
-        if len(images) >= cfg.evaluation.fps_images:
+        sizes.append((int(sample["height"]), int(sample["width"])))  # the original size: logits resized to it
+        if len(images) >= min(FPS_DISTINCT_IMAGES, cfg.evaluation.fps_images):
             break
-    if images:  # a val split smaller than fps_images is timed round and round
-        images = [images[i % len(images)] for i in range(cfg.evaluation.fps_images)]
-    return measure_fps(getattr(model, "module", model), images, device, autocast_dtype=dtype)
-
+    order = [i % len(images) for i in range(cfg.evaluation.fps_images)] if images else []
+    bare = getattr(model, "module", model)
+    return measure_fps(bare, [images[i] for i in order], device, autocast_dtype=dtype,
+                       out_sizes=[sizes[i] for i in order], align_corners=bare.final_head.align_corners)

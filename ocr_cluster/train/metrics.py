@@ -37,10 +37,14 @@ class IoUMetric:
         k = self.num_classes
         self.confusion += torch.bincount(label * k + pred.clamp(0, k - 1), minlength=k * k).reshape(k, k)
 
-    def all_reduce(self) -> None:
-        """Sum the confusion matrices of every rank (no-op outside torch.distributed)."""
+    def all_reduce(self, device: torch.device | None = None) -> None:
+        """Sum the confusion matrices of every rank (no-op outside torch.distributed). Under NCCL on `device`,
+        the worker's GPU (default: the current CUDA device)."""
         if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            if dist.get_backend() != "nccl":
+                device = torch.device("cpu")
+            elif device is None or device.type != "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
             total = self.confusion.to(device)
             dist.all_reduce(total)
             self.confusion = total.cpu()

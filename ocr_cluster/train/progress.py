@@ -10,6 +10,7 @@ pid is added), so no attempt overwrites another's; TensorBoard reads them all as
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -43,9 +44,10 @@ class Progress:
         self.images_per_iter = images_per_iter
         self.window_start, self.window_iters, self.window_wait = time.perf_counter(), 0, 0.0
         self.start_iter = start_iter
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # on the device: read back only when reported (synced())
         self.count = 0
-        self.last_loss = 0.0
+        self.window_from = start_iter  # the sums cover the iterations after this one
+        self.host: dict[str, float] | None = None  # the sums as floats, once read back
         self.last_scores: dict | None = None
         self.staging: str | None = None  # the attempt's own local dir for events bound for object storage
         self.writer = self._tensorboard() if rank == 0 else None
@@ -62,22 +64,36 @@ class Progress:
         self.window_wait += seconds
 
     def add_loss(self, total: torch.Tensor, parts: dict[str, torch.Tensor], accum: int) -> None:
-        value = float(total)
-        self.last_loss = value
-        self.sums["loss"] = self.sums.get("loss", 0.0) + value / accum
-        for name, loss in parts.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(loss) / accum
+        """Adds a micro-step's losses on their device, without reading them back: a float() here would make
+        the CPU wait for the GPU at every step."""
+        for name, loss in {"loss": total, **parts}.items():
+            self.sums[name] = self.sums.get(name, 0) + loss.detach().float() / accum
         self.count += 1 / accum
+        self.host = None
 
     def losses(self) -> dict[str, float]:
-        return {f"loss_{k}" if k != "loss" else k: v / max(self.count, 1e-9) for k, v in self.sums.items()}
+        """The mean losses since the last log line, read back from the device in one go (a host sync)."""
+        if self.host is None:
+            names = list(self.sums)
+            values = torch.stack([self.sums[n] for n in names]).tolist() if names else []
+            self.host = dict(zip(names, values))
+        return {f"loss_{k}" if k != "loss" else k: v / max(self.count, 1e-9) for k, v in self.host.items()}
+
+    def synced(self, done: int) -> dict[str, float]:
+        """losses(), checked: the loss is read back only where it is reported (log lines, evaluations,
+        checkpoints, the end), so a NaN or inf is caught there, within log_interval iterations of it."""
+        losses = self.losses()
+        if "loss" in losses and not math.isfinite(losses["loss"]):
+            raise FloatingPointError(f"the loss became {losses['loss']} between iterations "
+                                     f"{self.window_from + 1} and {done}")
+        return losses
 
     def step(self, done: int, lr: float) -> None:
         self.window_iters += 1
         if done % self.cfg.schedule.log_interval and done != self.total:
             return
+        losses = self.synced(done)  # the wait for the GPU: before the clock is read
         elapsed = time.perf_counter() - self.window_start
-        losses = self.losses()
         if self.rank == 0:
             heads = ", ".join(f"{k[5:]} {v:.3f}" for k, v in losses.items() if k != "loss")
             ips = self.window_iters * self.images_per_iter / max(elapsed, 1e-9)
@@ -90,7 +106,7 @@ class Progress:
             self.writer.add_scalar("train/lr", lr, done)
             self.writer.add_scalar("train/img_per_s", ips, done)
         self.window_start, self.window_iters, self.window_wait = time.perf_counter(), 0, 0.0
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.host, self.window_from = {}, 0, None, done
 
     def evaluated(self, done: int, scores: dict) -> None:
         self.last_scores = scores
