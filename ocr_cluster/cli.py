@@ -79,6 +79,10 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
+    if args.print_config or args.print_run_id:
+        from ocr_cluster.config import resolve_dataset
+
+        cfg = resolve_dataset(cfg)  # the run id the driver will use names the dataset (its manifest)
     if args.print_config:
         from ocr_cluster.storage import redact
 
@@ -125,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = verb("train", "train one job on Ray Train (same as python -m ocr_cluster.train)")
     _add_config_args(train)
     train.add_argument("--print-config", action="store_true",
-                       help="print the resolved config (YAML, with its run id) and exit")
-    train.add_argument("--print-run-id", action="store_true", help="print the deterministic run id and exit")
+                       help="print the resolved config (YAML, with its run id) and exit; reads the dataset's manifest")
+    train.add_argument("--print-run-id", action="store_true",
+                       help="print the deterministic run id and exit; reads the dataset's manifest")
     train.add_argument("--verbose", action="store_true",
                        help="show Ray's own log lines too (the same as OCR_CLUSTER_VERBOSE=1)")
     train.set_defaults(func=cmd_train)

@@ -114,6 +114,8 @@ class DataSection:
     batch_size: int = opt(8, "global batch (all workers, after gradient accumulation)")
     skip_bad_samples: bool = opt(False, "skip undecodable or out-of-range samples instead of failing",
                                  hashed=False)
+    fingerprint: str = opt("", "the dataset's fingerprint, from its manifest's shard checksums; filled in by "
+                               "the driver, set it to pin a dataset")
 
 
 @dataclass
@@ -456,6 +458,23 @@ def run_id(cfg: Config) -> str:
     """A short stable id of the training-relevant config: Ray run name, SLURM job name, results key."""
     payload = json.dumps({"v": RUN_ID_VERSION, **training_fields(cfg)}, sort_keys=True, separators=(",", ":"))
     return "r" + hashlib.sha256(payload.encode()).hexdigest()[:11]
+
+
+def with_dataset(cfg: Config, fingerprint: str, uri: str = "") -> Config:
+    """`cfg` for the dataset whose manifest has `fingerprint` (shards.Manifest.fingerprint): data.fingerprint
+    filled in when empty, so the run id names the dataset as well as the training (where the data lives,
+    data.uri, stays out of it). A config that pins another fingerprint is a ConfigError."""
+    if cfg.data.fingerprint and cfg.data.fingerprint != fingerprint:
+        raise ConfigError(f"data.fingerprint is {cfg.data.fingerprint} but the dataset at {uri or cfg.data.uri} "
+                          f"has {fingerprint}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fingerprint=fingerprint))
+
+
+def resolve_dataset(cfg: Config) -> Config:
+    """`with_dataset` for the manifest at data.uri, read here; a DataError (one line) when it cannot be."""
+    from ocr_cluster.data.plan import open_dataset  # reads object storage: only when a run id is resolved
+
+    return with_dataset(cfg, open_dataset(cfg.data).fingerprint)
 
 
 def describe() -> list[tuple[str, str, Any, str]]:

@@ -78,12 +78,25 @@ def test_sweep_actions_on_a_missing_grid_are_one_line(cli, action):
     assert "grid file not found: g.yaml" in one_line(result.stderr)
 
 
+def tiny_dataset(path) -> str:
+    """A small synthetic dataset on the local disk (--print-config and --print-run-id read its manifest)."""
+    from ocr_cluster.data.synth import SynthSpec, write_synthetic
+
+    write_synthetic(str(path), SynthSpec(classes=3, num_train=2, num_val=1, size_hw=(32, 32)))
+    return str(path)
+
+
 def test_print_config_round_trips(cli, tmp_path):
-    result = cli("train", "--set", "model.backbone=hrnetv2_w48", "--set", "data.batch_size=16", "--print-config")
+    data = tiny_dataset(tmp_path / "data")
+    result = cli("train", "--set", "model.backbone=hrnetv2_w48", "--set", "data.batch_size=16",
+                 "--set", f"data.uri={data}", "--print-config")
     assert result.returncode == 0, result.stderr
     first, _, body = result.stdout.partition("\n")
     cfg = config.loads_yaml(body)
     assert cfg.model.backbone == "hrnetv2_w48" and cfg.data.batch_size == 16
+    from ocr_cluster.data.shards import read_manifest
+
+    assert cfg.data.fingerprint == read_manifest(data).fingerprint  # resolved, as the driver resolves it
     assert first == f"# run_id: {cfg.run_id}"
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(result.stdout)

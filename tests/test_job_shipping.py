@@ -86,8 +86,12 @@ def test_redact_masks_url_userinfo():
     assert storage.redact(text) == masked
 
 
-def test_print_config_masks_url_userinfo(cli):
-    result = cli("train", "--set", "storage.checkpoint_uri=s3://KEYID:s3cr3t/value@host/bucket",
+def test_print_config_masks_url_userinfo(cli, tmp_path):
+    from ocr_cluster.data.synth import SynthSpec, write_synthetic
+
+    write_synthetic(str(tmp_path), SynthSpec(classes=3, num_train=2, num_val=1, size_hw=(32, 32)))  # for the run id
+    result = cli("train", "--set", f"data.uri={tmp_path}",
+                 "--set", "storage.checkpoint_uri=s3://KEYID:s3cr3t/value@host/bucket",
                  "--set", "results.store_uri=http://user:hunter2@minio:9000/results", "--print-config")
     assert result.returncode == 0, result.stderr
     assert "s3cr3t" not in result.stdout and "hunter2" not in result.stdout and "KEYID" not in result.stdout

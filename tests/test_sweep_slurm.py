@@ -144,14 +144,17 @@ def test_launch_status_relaunch_failure_and_fix(cluster, s3, synth_uri, cli, tmp
         assert row["scheduler_job_id"] == jobs[cell["run_id"]] and row["restart_count"] == 0
     assert rows[failed["run_id"]]["error"] == failed["detail"]  # the preflight's one line
 
-    # Fixed, and one cell added: the relaunch submits exactly those two, not the completed one.
+    # Fixed, and one cell added: the relaunch submits exactly those two, not the completed one. The fixed
+    # cell's run id now has its dataset's fingerprint (the missing dataset had none to give).
     added = {"model.head": "ocr", "schedule.iters": 6}
     write_grid(grid, root, synth_uri, cluster, include=[{**bad, "set": {}}, added])
     second = launch(cli, grid, folder, "--wait")
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     assert "submitted 2 of 3 cells" in second.stdout
     cells = states(cli, grid)
-    assert set(submitted(second.stdout)) == {failed["run_id"], cells["ocrnet_hr18s_1xb2-6_synthetic-64x64"]["run_id"]}
+    fixed = cells["fcn_hr18s_1xb2-4_synthetic-64x64"]
+    assert fixed["run_id"] != failed["run_id"] and cells[good["name"]]["run_id"] == good["run_id"]
+    assert set(submitted(second.stdout)) == {fixed["run_id"], cells["ocrnet_hr18s_1xb2-6_synthetic-64x64"]["run_id"]}
     assert {c["state"] for c in cells.values()} == {"completed"}
     assert sweep(cli, "status", grid).returncode == 0
 

@@ -13,7 +13,7 @@ Each shard row is one sample:
 
 The manifest (`Manifest`) holds the dataset's name, classes, palette, splits, sample and shard
 counts, per-shard sizes and checksums (SHA-256 and CRC-32), the class pixel histogram and the image
-size range.
+size range. Its `fingerprint` (from the shards' checksums) goes into a run's id as data.fingerprint.
 
 Atomicity: every shard is written whole with `storage.write_bytes_atomic` (one PUT on object
 stores, temp file + rename locally) and the manifest is written last, so a reader sees either a
@@ -130,6 +130,17 @@ class Manifest:
         manifest = cls(splits=splits, **{k: v for k, v in data.items() if k in known})
         manifest.uri = uri
         return manifest
+
+    @property
+    def fingerprint(self) -> str:
+        """'d' and 16 hex digits naming the data, not where it lives: per split, each shard's relative path,
+        size, sample count and SHA-256, plus the classes. A copy at another bucket or prefix keeps it. (The
+        letter keeps YAML from reading it as a number, e.g. 1234e5.)"""
+        splits = {name: [[s.path, s.num_bytes, s.num_samples, s.sha256] for s in split.shards]
+                  for name, split in self.splits.items()}
+        payload = json.dumps({"num_classes": self.num_classes, "classes": self.classes, "splits": splits},
+                             sort_keys=True, separators=(",", ":"))
+        return "d" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

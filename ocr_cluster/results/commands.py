@@ -115,9 +115,14 @@ def cmd_table(args: argparse.Namespace) -> int:
 def _cell_axes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """run id -> the cell's axis values, from --grid or else the sweep's manifest ({} when neither has them)."""
     if getattr(args, "grid", None):
-        from ocr_cluster.sweep.grid import load  # the grid format belongs to the sweep package
+        from ocr_cluster.sweep.grid import load, resolve  # the grid format belongs to the sweep package
 
-        return {cell.run_id: cell.axes for cell in load(args.grid).cells()}
+        cells = load(args.grid).cells()
+        resolved, notes = resolve(cells)  # rows carry the ids with the datasets' fingerprints
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        # Ids from before the fingerprint was part of them (and unreadable datasets') match too.
+        return {**{c.run_id: c.axes for c in cells}, **{c.run_id: c.axes for c in resolved}}
     import pyarrow.parquet as pq
 
     from ocr_cluster import storage

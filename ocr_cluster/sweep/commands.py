@@ -1,7 +1,8 @@
 """Handlers of `ocr-cluster sweep plan | launch | status | cancel` (wired by ocr_cluster/cli.py).
 
-`plan` expands and validates a grid offline and prints its cells; `launch` submits the missing cells
-to SLURM as a job array (ocr_cluster.sweep.launch), `status` shows each cell's state
+`plan` expands and validates a grid and prints its cells, their run ids resolved for their datasets
+(read from the manifests; --no-store is fully offline and shows unresolved ids); `launch` submits the
+missing cells to SLURM as a job array (ocr_cluster.sweep.launch), `status` shows each cell's state
 (ocr_cluster.sweep.status) and `cancel` stops the sweep's live jobs. A bad grid, or SLURM that cannot
 be used, is one line and exit 2 (SweepError is a ConfigError).
 """
@@ -35,7 +36,8 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
         slurm_commands.add_arguments(action, parser)
         return
     parser.add_argument("--no-store", action="store_true",
-                        help="read no results store (fully offline; states and store-based estimates show '?')")
+                        help="read no results store and no dataset (fully offline; states and store-based estimates "
+                             "show '?', run ids leave out the datasets' fingerprints)")
     parser.add_argument("--device", metavar="NAME", default=None,
                         help="estimate GPU cells from runs on this device (part of its name, e.g. H100)")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell, one per line")
@@ -78,13 +80,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     grid = load(args.grid)
     cells = grid.cells()  # every cell validated before any store is read
-    live = None
-    if not args.no_store:
+    live, resolving = None, []
+    if args.no_store:
+        print("note: --no-store reads no dataset manifest either: the run ids shown leave out the datasets' "
+              "fingerprints, so they differ from the ids the driver uses", file=sys.stderr)
+    else:
+        from ocr_cluster.sweep.grid import resolve
         from ocr_cluster.sweep.slurm_commands import live_states
 
+        cells, resolving = resolve(cells)
         live = live_states(grid, args.store)
     rows, notes = plan(cells, store=args.store, read=not args.no_store, device=args.device, live=live)
-    for note in notes:
+    for note in resolving + notes:
         print(f"warning: {note}", file=sys.stderr)
     if args.json:
         for row in rows:

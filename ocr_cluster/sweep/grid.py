@@ -30,7 +30,9 @@ data.ratio_range) need named variants.
 A cell's config is the base job's YAML merged with `set`, the axes' overrides in axis order and the
 include entry's `set`, then `run.sweep = name` and `run.seed`, validated by ocr_cluster.config. Its name
 is the mmseg-style job name (ocr_cluster.sweep.names), plus `_seed<N>` when the cell runs more than
-once; its run id is `cfg.run_id`, the training driver's. Two cells with one name or one run id are refused.
+once; its run id is `cfg.run_id`, the training driver's once `resolve` has filled in data.fingerprint from
+the cell's dataset (`cells()` reads nothing: its ids are unresolved). Two cells with one name or one run id
+are refused.
 Order is stable: product cells in axis order (first axis slowest), then include entries in file order;
 a cell's seeds are consecutive.
 """
@@ -367,6 +369,35 @@ class Grid:
                 raise self.error(f"two cells are named {cell.name} but differ in {', '.join(diff)}; a name shows "
                                  f"method, backbone, GPUs x batch, iters, dataset and crop: split the grid")
             by_name[cell.name] = by_id[cell.run_id] = cell
+
+
+def resolve(cells: list[Cell]) -> tuple[list[Cell], list[str]]:
+    """The cells with the run ids the driver computes: data.fingerprint from each dataset's manifest (each
+    data.uri read once), and warning lines. A dataset that cannot be read leaves its cells unresolved (their
+    driver stops in preflight, and its failed row carries the unresolved id); a cell pinning another
+    dataset's fingerprint is a SweepError."""
+    from ocr_cluster.data.plan import open_dataset  # reads object storage: only when asked
+
+    found: dict[tuple[str, str], str | Exception] = {}
+    out, notes = [], []
+    for cell in cells:
+        key = (cell.config.data.uri, cell.config.data.dataset)
+        if key not in found:
+            try:
+                found[key] = open_dataset(cell.config.data).fingerprint
+            except Exception as exc:  # noqa: BLE001 - DataError, DataUnreachable, a bad URL: all one line
+                found[key] = exc
+                notes.append(f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}: cells on "
+                             f"{key[0]} show run ids without the dataset's fingerprint")
+        fingerprint = found[key]
+        if isinstance(fingerprint, Exception):
+            out.append(cell)
+            continue
+        try:
+            out.append(Cell(cell.name, config.with_dataset(cell.config, fingerprint), cell.axes))
+        except ConfigError as exc:
+            raise SweepError(f"cell {cell.name}: {exc}") from None
+    return out, notes
 
 
 def load(path: str | Path) -> Grid:

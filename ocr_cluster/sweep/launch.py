@@ -1,11 +1,12 @@
 """`sweep launch`: submit a grid's missing cells to SLURM as one job array (submitit), and record it.
 
 A cell is submitted when the results store has no completed row for its run id (in any sweep: the
-run id hashes what is trained) and no live job of an earlier launch (from the launch records, checked
-against squeue). Cells with the same resource shape share one array (`--array=0-N%P`, P =
-backend.slurm.array_parallelism); a grid whose cells need different GPU counts makes one array per
-count. Every task runs ocr_cluster.sweep.task.CellTask: a private Ray head and `python -m
-ocr_cluster.train` on the cell's config.
+run id hashes what is trained and the dataset's fingerprint, filled in from its manifest before the
+cell's config is sent, so the task, the driver and the rows share it) and no live job of an earlier
+launch (from the launch records, checked against squeue). Cells with the same resource shape share
+one array (`--array=0-N%P`, P = backend.slurm.array_parallelism); a grid whose cells need different GPU
+counts makes one array per count. Every task runs ocr_cluster.sweep.task.CellTask: a private Ray head
+and `python -m ocr_cluster.train` on the cell's config.
 
 The submitit folder (scripts, pickles, logs; it must be on a filesystem the nodes share) is
 <folder>/<sweep>/launch-<UTC time>/, with <folder> = --folder or ./sweeps_runs.
@@ -23,7 +24,7 @@ from typing import Any
 from ocr_cluster import storage
 from ocr_cluster.config import Config
 from ocr_cluster.sweep import records, slurm
-from ocr_cluster.sweep.grid import Cell, Grid, SweepError
+from ocr_cluster.sweep.grid import Cell, Grid, SweepError, resolve
 from ocr_cluster.sweep.status import COMPLETED, LIVE, UNREAD, CellStatus, cell_states, with_store
 
 DEFAULT_FOLDER = "sweeps_runs"
@@ -53,8 +54,13 @@ def absolute_paths(cfg: Config) -> Config:
         results=dataclasses.replace(cfg.results, store_uri=fix(cfg.results.store_uri)))
 
 
-def prepare(grid: Grid, store: str | None) -> list[Cell]:
+def prepare(grid: Grid, store: str | None, notes: list[str] | None = None) -> list[Cell]:
+    """The grid's cells as they run: on `store`, local paths absolute, run ids resolved for their datasets
+    (grid.resolve; its warning lines go to `notes`)."""
     cells = [Cell(c.name, absolute_paths(c.config), c.axes) for c in with_store(grid.cells(), store)]
+    cells, lines = resolve(cells)
+    if notes is not None:
+        notes += lines
     return cells
 
 
@@ -107,12 +113,14 @@ def parameters(grid: Grid, gpus: int, count: int) -> dict[str, Any]:
 
 def plan_launch(grid: Grid, store: str | None = None, check: bool = True) -> Launch:
     """Every cell's state and the cells to submit; SlurmError when SLURM cannot be used (if `check`)."""
-    cells = prepare(grid, store)
-    for cell in cells:
+    for cell in grid.cells():
         gpus_of(cell, grid)
     if check:
         slurm.check_cluster(grid.backend.slurm.partition)
+    resolving: list[str] = []
+    cells = prepare(grid, store, resolving)
     statuses, notes = cell_states(cells, grid.name, ask_slurm=check)
+    notes = resolving + notes
     unread = [s for s in statuses if s.state == UNREAD]
     if unread:
         raise SweepError(f"cannot read the results store {unread[0].cell.config.results.store_uri}, so it is not "

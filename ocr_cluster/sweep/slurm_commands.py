@@ -158,7 +158,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ocr_cluster.sweep.status import cell_states
 
     grid = load(args.grid)
-    cells = prepare(grid, args.store)
+    resolving: list[str] = []
+    cells = prepare(grid, args.store, resolving)
+    _warn(resolving)
     if args.watch is not None and not args.json:
         statuses = follow(grid, cells, args.watch)
     else:
@@ -182,9 +184,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     grid = load(args.grid)
     slurm.check_cluster()
-    cells = prepare(grid, args.store)
-    statuses, notes = cell_states(cells, grid.name)
-    _warn(notes)
+    notes: list[str] = []
+    cells = prepare(grid, args.store, notes)
+    statuses, more = cell_states(cells, grid.name)
+    _warn(notes + more)
     live = [s for s in statuses if s.state in LIVE and s.job_id]
     if not live:
         print(f"sweep {grid.name}: no queued or running job to cancel")

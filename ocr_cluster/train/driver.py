@@ -6,7 +6,8 @@ before a worker starts: a bad config, a missing dataset, an unreachable endpoint
 
 Resume is keyed on the run id: RunConfig(name=run_id) under storage.checkpoint_uri, so submitting the
 same config again continues from its latest checkpoint; a run with a completed result row is not
-trained again.
+trained again. The run id includes the dataset's fingerprint: preflight fills data.fingerprint in from
+the manifest before anything uses the id (layout, rows, checkpoints, the workers' config).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ocr_cluster import logs, storage
-from ocr_cluster.config import Config
+from ocr_cluster.config import Config, with_dataset
 from ocr_cluster.errors import ReportedFailure, UserInputError
 from ocr_cluster.train.layout import RunLayout, checkpoint_iteration
 
@@ -34,8 +35,10 @@ class TrainFailed(ReportedFailure):
 
 @dataclass
 class RunStart:
-    """What preflight found: where the run lives, its dataset, and the iteration it starts from."""
+    """What preflight found: the config resolved for its dataset (data.fingerprint), where the run lives,
+    its dataset, and the iteration it starts from."""
 
+    config: Config
     layout: RunLayout
     num_classes: int
     manifest: object
@@ -96,8 +99,9 @@ def _must_exist(key: str, uri: str, target: str, missing: str) -> None:
 
 
 def preflight(cfg: Config) -> RunStart:
-    """Every check that needs no worker and is not the config's own (config._check). Raises
-    TrainSetupError (or DataError) with one line."""
+    """Every check that needs no worker and is not the config's own (config._check), and the config
+    resolved for the dataset's manifest (config.with_dataset). Raises TrainSetupError (or DataError, or
+    ConfigError for a pinned data.fingerprint of another dataset) with one line."""
     from ocr_cluster.data.errors import DataError
     from ocr_cluster.data.pipeline import open_dataset
     from ocr_cluster.data.shards import check_shard_sizes
@@ -119,6 +123,7 @@ def preflight(cfg: Config) -> RunStart:
     except Exception as exc:  # noqa: BLE001 - endpoint, credentials, missing bucket: all one line
         raise TrainSetupError(f"cannot read the dataset at {cfg.data.uri}: {_reason(exc)}") from None
 
+    cfg = with_dataset(cfg, manifest.fingerprint)  # from here on, cfg.run_id names this dataset
     num_classes = manifest.num_classes
     if cfg.model.num_classes is not None and cfg.model.num_classes != num_classes:
         raise TrainSetupError(f"model.num_classes is {cfg.model.num_classes} but the dataset at {cfg.data.uri} "
@@ -139,7 +144,7 @@ def preflight(cfg: Config) -> RunStart:
             bucket = storage.filesystem(uri)[1].split("/", 1)[0]
             _must_exist(key, uri, f"{storage.scheme(uri)}://{bucket}", f"bucket '{bucket}' of {uri} does not exist")
     layout = RunLayout.from_config(cfg)
-    start = RunStart(layout, num_classes, manifest, latest_checkpoint_iter(layout))
+    start = RunStart(cfg, layout, num_classes, manifest, latest_checkpoint_iter(layout))
     if start.start_iter == 0:  # the weights a fresh start loads (a resume loads its checkpoint instead)
         key = "model.pretrained" if cfg.model.pretrained else "model.pretrained_backbone"
         uri = cfg.model.pretrained or cfg.model.pretrained_backbone
@@ -307,9 +312,8 @@ def run(cfg: Config) -> int:
     """Train `cfg` to completion (or resume it); returns 0. Raises TrainSetupError / TrainFailed."""
     from ocr_cluster.train.results import completed_row, write_failed
 
-    cfg = absolute_local_paths(cfg)
-    start = preflight(cfg)
-    layout = start.layout
+    start = preflight(absolute_local_paths(cfg))
+    cfg, layout = start.config, start.layout
     done = completed_row(cfg, layout.run_id)
     if done is not None:
         print(f"run {layout.run_id} ({cfg.run.name}) is already completed: mIoU {done['miou']} "
