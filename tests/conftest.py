@@ -114,10 +114,12 @@ def ray_cluster():
 
 
 def _reload_ray_token() -> None:
-    """Ray caches the auth token per process at its first use (ray's own tests reset it the same way); an
-    earlier in-process use would keep a token other than the one just exported (InvalidAuthToken)."""
-    from ray._raylet import AuthenticationTokenLoader
+    """Ray caches its config (RAY_AUTH_MODE) and the auth token per process at their first use, as Ray's own
+    token set-up refreshes them: an earlier in-process use of Ray would keep auth 'disabled' or another token
+    than the one just exported (InvalidAuthToken, "Missing authentication token")."""
+    from ray._raylet import AuthenticationTokenLoader, Config
 
+    Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 
 
