@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ocr_cluster.sweep.ray_head import free_ports  # the one helper a SLURM task's private head uses too
+
 VENV_BIN = Path(sys.executable).parent
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 S3_BUCKET = "ocr-test"
@@ -98,18 +100,6 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return ""
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: every socket stays bound until all are picked, so none repeats."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def free_port() -> int:
