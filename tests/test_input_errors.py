@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import torch
-from test_train_job import SPEC_ARGS, _s3_env, store_rows, submit, tiny_job
+from test_train_job import SPEC_ARGS, _s3_env, store_rows, submit, tiny_job, write_synth
 
 from ocr_cluster import storage
 
@@ -60,22 +60,12 @@ def bad_label_uri(_s3_service):
     import numpy as np
 
     from ocr_cluster.data import codec
-    from ocr_cluster.data.shards import DatasetWriter
-    from ocr_cluster.data.synth import SynthSpec, class_names, palette, render
 
-    spec = SynthSpec(**SPEC_ARGS)
+    def class_9(key, data, encoded, label):
+        return data, codec.encode_label(np.full_like(label, 9)) if key == BAD_LABEL_KEY else encoded
+
     uri = _fresh(_s3_service, "bad-label")
-    with _s3_env(_s3_service):
-        writer = DatasetWriter(uri, name="synthetic", dataset="synthetic", classes=class_names(spec.classes),
-                               palette=palette(spec.classes))
-        for split, count in (("train", spec.num_train), ("val", spec.num_val)):
-            for index in range(count):
-                key = f"{split}_{index:06d}"
-                image, label = render(spec, split, index)
-                stored = np.full_like(label, 9) if key == BAD_LABEL_KEY else label
-                writer.add(split, key, codec.encode_image(image, spec.image_format), codec.encode_label(stored),
-                           label_array=label, height=64, width=64, image_format=spec.image_format)
-        manifest = writer.close()
+    manifest = write_synth(_s3_service, uri, class_9)
     return uri, storage.join(uri, manifest.split("train").shards[0].path)
 
 

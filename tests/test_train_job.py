@@ -52,8 +52,10 @@ def synth_uri(_s3_service):
 BAD_KEYS = ("train_000005", "val_000001")
 
 
-def write_synth_with_bad(service, uri: str, bad_keys: tuple[str, ...]) -> str:
-    """The tiny synthetic dataset at `uri` with an undecodable image at each of `bad_keys`."""
+def write_synth(service, uri: str, spoil=None):
+    """The tiny synthetic dataset at `uri`; returns its manifest. `spoil(key, image_bytes, label_bytes, label)`
+    may return other encoded bytes for a sample (the writer still records sizes and checksums of what it
+    wrote, so only the content is bad)."""
     from ocr_cluster.data import codec
     from ocr_cluster.data.shards import DatasetWriter
     from ocr_cluster.data.synth import SynthSpec, class_names, palette, render
@@ -66,10 +68,18 @@ def write_synth_with_bad(service, uri: str, bad_keys: tuple[str, ...]) -> str:
             for index in range(count):
                 key = f"{split}_{index:06d}"
                 image, label = render(spec, split, index)
-                data = codec.encode_image(image, spec.image_format) if key not in bad_keys else b"not an image"
-                writer.add(split, key, data, codec.encode_label(label), label_array=label, height=64, width=64,
+                data, encoded = codec.encode_image(image, spec.image_format), codec.encode_label(label)
+                if spoil is not None:
+                    data, encoded = spoil(key, data, encoded, label)
+                writer.add(split, key, data, encoded, label_array=label, height=64, width=64,
                            image_format=spec.image_format)
-        writer.close()
+        return writer.close()
+
+
+def write_synth_with_bad(service, uri: str, bad_keys: tuple[str, ...]) -> str:
+    """The tiny synthetic dataset at `uri` with an undecodable image at each of `bad_keys`."""
+    write_synth(service, uri, lambda key, data, encoded, label:
+                (b"not an image" if key in bad_keys else data, encoded))
     return uri
 
 
