@@ -28,6 +28,9 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": 
 PORT_FLAGS = ("port", "node-manager-port", "object-manager-port", "ray-client-server-port", "metrics-export-port",
               "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
 READY_LINE = "Ray runtime started"
+# A head needs ~10 s on an idle node, but minutes on one busy with other cells' data loading (seen at a
+# load of 30-60 on 2 cores); a cell that gives up too early fails for good.
+START_TIMEOUT_S = float(os.environ.get("OCR_CLUSTER_RAY_START_TIMEOUT_S", "600"))
 
 
 class RayHeadError(RuntimeError):
@@ -63,8 +66,9 @@ class RayHead:
     log: Path | None = None
     proc: subprocess.Popen | None = None
 
-    def wait_ready(self, timeout: float = 120.0) -> RayHead:
+    def wait_ready(self, timeout: float | None = None) -> RayHead:
         """Wait until `ray start` says the head is up; RayHeadError (and the head stopped) otherwise."""
+        timeout = START_TIMEOUT_S if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
             if self.log is not None and READY_LINE in self.log.read_text(errors="ignore"):
@@ -136,7 +140,7 @@ def spawn_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int 
     return RayHead(proc.pid, address, temp_dir, client_env, log, proc)
 
 
-def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float = 120.0,
+def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float | None = None,
                base_env: dict[str, str] | None = None) -> RayHead:
     """spawn_head, then wait until the head is up."""
     return spawn_head(num_cpus, num_gpus, object_store_mb, base_env).wait_ready(timeout)
