@@ -1,15 +1,18 @@
 """The training input: Ray Data over Parquet shards for TorchTrainer, and plain-Python iterators.
 
-Training (Ray Data), on the driver that builds the TorchTrainer:
+Training (Ray Data), in the worker group (train/loop.py's Trainer._train_stream: rank 0 builds the
+stream from where the run stands, the ranks get its splits):
 
     manifest = open_dataset(cfg.data)                     # checks data.dataset against the shards
-    ds = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=0,
-                       num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, manifest))
-    TorchTrainer(train_fn, datasets={"train": ds}, ...)   # DataConfig splits it: equal share per worker
+    epoch, consumed = stream_position(start_iter, cfg.data.batch_size, manifest)
+    ds = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=epoch, skip=consumed,
+                       num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, manifest,
+                                             start_epoch=epoch))
+    splits = ds.streaming_split(world_size, equal=True)  # as Ray Train's DataConfig: equal shares
 
 and in each worker (`per_worker = cfg.data.batch_size // world_size`):
 
-    for batch in torch_batches(ray.train.get_dataset_shard("train"), per_worker):
+    for batch in torch_batches(splits[rank], per_worker):
         batch["image"]  # float32 [B, 3, H, W], normalised, H x W = data.crop_size
         batch["label"]  # int64 [B, H, W], train ids, 255 = ignore (padding included)
         batch["key"]    # list of sample keys
