@@ -11,7 +11,10 @@ The loop records each step through OCR_CLUSTER_STEP_TRACE (ocr_cluster/train/tra
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ import yaml
 
 from ocr_cluster import config as config_mod
 from ocr_cluster.train.trace import TRACE_ENV
-from test_train_job import _kill_a_worker_after_first_checkpoint, store_rows
+from test_train_job import registered_checkpoint, store_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -67,6 +70,22 @@ def train(ray_cluster, cfg: config_mod.Config, trace: Path) -> None:
         ray.shutdown()
 
 
+def kill_after_first_checkpoint(runs: Path, trace: Path, out: dict, stop: threading.Event) -> None:
+    """SIGKILL the training worker (its pid from the step trace) once Ray Train has registered a checkpoint
+    (its checkpoint manager's snapshot appears); then out['registered'] = the latest registered checkpoint's
+    iteration as of the kill, read once the worker is gone."""
+    while not stop.is_set():
+        if list(runs.glob("*/checkpoint_manager_snapshot.json")) and (trace / "rank0.jsonl").exists():
+            break
+        time.sleep(0.1)
+    else:
+        return
+    out["killed"] = steps(trace)[-1]["pid"]
+    os.kill(out["killed"], signal.SIGKILL)
+    time.sleep(2)  # a report the worker sent before it died is registered by now; no new one can come
+    out["registered"] = registered_checkpoint(str(runs))
+
+
 def steps(trace: Path) -> list[dict]:
     return [json.loads(line) for line in (trace / "rank0.jsonl").read_text().splitlines()]
 
@@ -81,29 +100,28 @@ def test_a_restarted_worker_goes_on_with_the_uninterrupted_runs_next_step(ray_cl
     straight.mkdir(), resumed.mkdir()
     train(ray_cluster, job(straight, synth), straight / "trace")
 
-    killed: list[float] = []
-    registered: list[int | None] = []
+    kill: dict = {}
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(ray_cluster, str(resumed / "runs"), killed, stop, registered), daemon=True)
+    killer = threading.Thread(target=kill_after_first_checkpoint,
+                              args=(resumed / "runs", resumed / "trace", kill, stop), daemon=True)
     killer.start()
     try:
         train(ray_cluster, job(resumed, synth, max_failures=1), resumed / "trace")
     finally:
         stop.set()
         killer.join(timeout=10)
-    assert killed, "no worker was killed"
+    assert "registered" in kill, f"no worker was killed: {kill}"
 
     reference = {s["iter"]: s for s in steps(straight / "trace")}
     assert sorted(reference) == list(range(1, ITERS + 1))
     trace = steps(resumed / "trace")
-    first_pid = trace[0]["pid"]
-    first = [s for s in trace if s["pid"] == first_pid]
-    second = [s for s in trace if s["pid"] != first_pid]
+    first = [s for s in trace if s["pid"] == kill["killed"]]
+    second = [s for s in trace if s["pid"] != kill["killed"]]
+    assert first and first == trace[:len(first)]
     assert second, "the killed attempt finished the run"
     resumed_at = second[0]["iter"] - 1
     # From the checkpoint registered when the worker died (not 0, not another): every iteration after it once.
-    assert registered and resumed_at == registered[0], (resumed_at, registered)
+    assert resumed_at == kill["registered"], (resumed_at, kill)
     assert 2 <= resumed_at <= first[-1]["iter"], (resumed_at, first[-1]["iter"])
     assert [s["iter"] for s in second] == list(range(resumed_at + 1, ITERS + 1))
     for step in first + second:  # both attempts: the uninterrupted run's steps, bit for bit
