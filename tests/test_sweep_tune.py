@@ -123,6 +123,9 @@ def test_tune_sweep_stop_relaunch_restores_and_trains_each_cell_once(ray_cluster
     cells = prepare(load(grid), None)
 
     def some_checkpoint():
+        state = job_status(ray_cluster, job1)
+        if state not in ("PENDING", "RUNNING"):
+            pytest.fail(f"the sweep's job ended ({state}) before it was stopped:\n{job_logs(ray_cluster, job1)[-4000:]}")
         return any(progress(c.config, c.run_id)[0] for c in cells)
 
     wait_for(some_checkpoint, 240, "a cell's first checkpoint")

@@ -46,17 +46,30 @@ def _only(address: str):
         os.environ.update(saved)
 
 
+CONNECT_TRIES = 4  # a busy head's dashboard can drop a connection; an absent one fails each try at once
+
+
 def client(address: str):
     """A JobSubmissionClient for the cluster's dashboard (its auth token, if any, from Ray's usual places)."""
+    import time
+
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        with _only(address):
-            return JobSubmissionClient(address)
-    except Exception as exc:  # noqa: BLE001 - unreachable, refused, wrong token: one line
-        text = str(exc).strip().splitlines()
-        raise RayBackendError(f"cannot reach the Ray cluster's job API at {address}: "
-                              f"{text[-1] if text else type(exc).__name__}") from None
+    for attempt in range(CONNECT_TRIES):
+        try:
+            with _only(address):
+                return JobSubmissionClient(address)
+        except ConnectionError as exc:
+            if attempt + 1 < CONNECT_TRIES:
+                time.sleep(2 * (attempt + 1))
+                continue
+            failure = exc
+        except Exception as exc:  # noqa: BLE001 - refused, wrong token: one line
+            failure = exc
+            break
+    text = str(failure).strip().splitlines()
+    raise RayBackendError(f"cannot reach the Ray cluster's job API at {address}: "
+                          f"{text[-1] if text else type(failure).__name__}") from None
 
 
 def job_states(job_ids: dict[str, str]) -> dict[str, str]:

@@ -54,7 +54,8 @@ def cell_params(cell: Cell) -> dict[str, Any]:
 
 
 def train_cell(params: dict[str, Any], launch: dict[str, Any] | None = None) -> None:
-    """The trainable: one cell through the single job's training entry, in the trial's process."""
+    """The trainable: one cell (params["cell"], a cell_params dict) through the single job's training
+    entry, in the trial's process."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ocr_cluster.config import loads_yaml
@@ -63,7 +64,7 @@ def train_cell(params: dict[str, Any], launch: dict[str, Any] | None = None) -> 
     os.environ[LAUNCH_ENV["launcher"]] = LAUNCHER  # attempt_launch reads these; the workers get them
     if (launch or {}).get("job_id"):
         os.environ[LAUNCH_ENV["scheduler_job_id"]] = launch["job_id"]
-    run(loads_yaml(params["config_yaml"]), callbacks=[TuneReportCallback()], in_trial=True)
+    run(loads_yaml(params["cell"]["config_yaml"]), callbacks=[TuneReportCallback()], in_trial=True)
 
 
 def trial_name(trial) -> str:
