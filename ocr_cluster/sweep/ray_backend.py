@@ -114,6 +114,10 @@ def submit(grid, todo_cells, address: str, *, with_secrets: bool = False) -> tup
                                            json.dumps(body, default=str).encode())
     env_vars = runtime_env.build(None, with_secrets=with_secrets)["env_vars"]
     env_vars.update({LAUNCH_ENV["launcher"]: tune.LAUNCHER, LAUNCH_ENV["scheduler_job_id"]: job_id})
+    if address.startswith(("http://", "https://")):
+        # Ray Train's controller asks the State API about itself; without an address it looks for "the"
+        # local Ray instance and fails where a node hosts more than one.
+        env_vars["RAY_API_SERVER_ADDRESS"] = address
     env = {"py_modules": [os.path.dirname(os.path.abspath(ocr_cluster.__file__))], "excludes": ["__pycache__"],
            "env_vars": env_vars}
     try:
