@@ -206,6 +206,7 @@ def tune_once(tmp: Path, data: Path, seed: int, ray) -> dict:
         job = next(line.split()[0] for line in out.splitlines() if line.startswith("  ocr-sweep-"))
         saved = {k: os.environ.get(k) for k in ray.env}
         os.environ.update(ray.env)
+        _reload_ray_token()
         try:
             client = JobSubmissionClient(ray.info["dashboard_url"])
             lines = lambda: client.get_job_logs(job).splitlines()  # noqa: E731
@@ -219,6 +220,14 @@ def tune_once(tmp: Path, data: Path, seed: int, ray) -> dict:
         return {"submit_to_start": started - start, "start_to_iter": first - started, "submit_to_iter": first - start}
     finally:
         run([*CLI, "sweep", "cancel", str(grid)], env=env, check=False)
+
+
+def _reload_ray_token() -> None:
+    """Ray caches its auth mode and token per process at first use (as tests/conftest.py refreshes them)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def wait_for_poll(lines, pattern: re.Pattern, timeout: float) -> float | None:

@@ -155,11 +155,13 @@ def cmd_launch(args, grid) -> int:
     """`sweep launch GRID --backend ray`: submit the missing cells as one Ray job; --wait follows it."""
     import sys
 
+    from ocr_cluster import storage
     from ocr_cluster.sweep import records, slurm
     from ocr_cluster.sweep.launch import prepare
     from ocr_cluster.sweep.status import COMPLETED, LIVE, UNREAD, cell_states
 
-    address = address_of(grid, args.address)
+    address = address_of(grid, args.address) if not args.dry_run else (
+        args.address or grid.backend.ray.address or os.environ.get("RAY_ADDRESS") or "(no address given)")
     notes: list[str] = []
     cells = prepare(grid, args.store, notes)
     statuses, more = cell_states(cells, grid.name, ask_slurm=slurm.available(), ask_ray=True)
@@ -187,7 +189,8 @@ def cmd_launch(args, grid) -> int:
     for store_uri in dict.fromkeys(s.cell.config.results.store_uri for s in statuses):
         mine = [s for s in todo if s.cell.config.results.store_uri == store_uri]
         body = {"grid": str(grid.label), "axes": [a.name for a in grid.axes], "backend_kind": "ray",
-                "address": address, "ray_job_id": job_id, "tune_experiments": root, "cells_file": cells_uri,
+                "address": storage.redact(address), "ray_job_id": job_id, "tune_experiments": root,
+                "cells_file": cells_uri,
                 "cells": [{"name": s.cell.name, "run_id": s.cell.run_id, "axes": s.cell.axes, "job_id": job_id}
                           for s in mine],
                 "backend": {"ray": records.backend_dict(grid.backend.ray)}}

@@ -48,23 +48,32 @@ def stamp() -> str:
 
 
 def cell_params(cell: Cell) -> dict[str, Any]:
-    """A trial's config: what it trains. The launch (job id) is not in it: a restored trial keeps its
-    config, but its rows must name the job that ran it."""
-    return {"name": cell.name, "run_id": cell.run_id, "config_yaml": cell.config.to_yaml()}
+    """A trial's config: which cell it is. The cell's job config and the launch (job id) come with the
+    trainable (tune.with_parameters), given anew by each launch: a restored trial keeps its config, but
+    trains the grid as it is now and its rows name the job that ran it."""
+    return {"name": cell.name, "run_id": cell.run_id}
 
 
-def train_cell(params: dict[str, Any], launch: dict[str, Any] | None = None) -> None:
-    """The trainable: one cell (params["cell"], a cell_params dict) through the single job's training
-    entry, in the trial's process."""
+def train_cell(params: dict[str, Any], launch: dict[str, Any] | None = None,
+               configs: dict[str, str] | None = None) -> None:
+    """The trainable: one cell (params["cell"]) through the single job's training entry, in the trial's
+    process. `configs`: run id -> job config YAML of the cells this launch trains; a restored trial whose
+    cell is not among them (completed since, or no longer in the grid) has nothing to do."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ocr_cluster.config import loads_yaml
     from ocr_cluster.train.driver import run
 
+    cell = params["cell"]
+    config_yaml = (configs or {}).get(cell["run_id"])
+    if config_yaml is None:
+        print(f"cell {cell['name']} ({cell['run_id']}): not to be trained by this launch (completed, or no "
+              "longer in the grid); skipped", flush=True)
+        return
     os.environ[LAUNCH_ENV["launcher"]] = LAUNCHER  # attempt_launch reads these; the workers get them
     if (launch or {}).get("job_id"):
         os.environ[LAUNCH_ENV["scheduler_job_id"]] = launch["job_id"]
-    run(loads_yaml(params["cell"]["config_yaml"]), callbacks=[TuneReportCallback()], in_trial=True)
+    run(loads_yaml(config_yaml), callbacks=[TuneReportCallback()], in_trial=True)
 
 
 def trial_name(trial) -> str:
@@ -93,7 +102,8 @@ def run_sweep(sweep: str, cells: list[Cell], root: str, *, max_concurrent: int =
 
     fs, path = storage.arrow_filesystem(root)
     arrow_fs = fs if storage.is_remote(root) else None
-    trainable = tune.with_resources(tune.with_parameters(train_cell, launch={"job_id": job_id}),
+    configs = {c.run_id: c.config.to_yaml() for c in cells}
+    trainable = tune.with_resources(tune.with_parameters(train_cell, launch={"job_id": job_id}, configs=configs),
                                     {"cpu": trial_cpus})
     states: dict[str, str] = {}
     held: set[str] = set()
