@@ -46,30 +46,31 @@ def _only(address: str):
         os.environ.update(saved)
 
 
-CONNECT_TRIES = 4  # a busy head's dashboard can drop a connection; an absent one fails each try at once
+CONNECT_PATIENCE_S = 60  # a head under load can refuse connections for a while (its dashboard busy or restarting)
 
 
-def client(address: str):
-    """A JobSubmissionClient for the cluster's dashboard (its auth token, if any, from Ray's usual places)."""
+def client(address: str, patience_s: float = CONNECT_PATIENCE_S):
+    """A JobSubmissionClient for the cluster's dashboard (its auth token, if any, from Ray's usual places).
+    A refused connection is tried again for `patience_s`; anything else fails at once."""
     import time
 
     from ray.job_submission import JobSubmissionClient
 
-    for attempt in range(CONNECT_TRIES):
+    deadline = time.monotonic() + patience_s
+    while True:
         try:
             with _only(address):
                 return JobSubmissionClient(address)
         except ConnectionError as exc:
-            if attempt + 1 < CONNECT_TRIES:
-                time.sleep(2 * (attempt + 1))
-                continue
             failure = exc
+            if time.monotonic() < deadline:
+                time.sleep(3)
+                continue
         except Exception as exc:  # noqa: BLE001 - refused, wrong token: one line
             failure = exc
-            break
-    text = str(failure).strip().splitlines()
-    raise RayBackendError(f"cannot reach the Ray cluster's job API at {address}: "
-                          f"{text[-1] if text else type(failure).__name__}") from None
+        text = str(failure).strip().splitlines()
+        raise RayBackendError(f"cannot reach the Ray cluster's job API at {address}: "
+                              f"{text[-1] if text else type(failure).__name__}") from None
 
 
 def job_states(job_ids: dict[str, str]) -> dict[str, str]:
@@ -80,7 +81,7 @@ def job_states(job_ids: dict[str, str]) -> dict[str, str]:
     for job_id, address in job_ids.items():
         try:
             if address not in clients:
-                clients[address] = client(address)
+                clients[address] = client(address, patience_s=10)
             out[job_id] = str(clients[address].get_job_status(job_id).value)
         except Exception:  # noqa: BLE001 - unknown job or cluster gone: status shows it as ended
             continue
@@ -137,7 +138,7 @@ def stop(job_ids: dict[str, str]) -> list[str]:
     done = []
     for job_id, address in job_ids.items():
         try:
-            client(address).stop_job(job_id)
+            client(address, patience_s=30).stop_job(job_id)
             done.append(job_id)
         except Exception:  # noqa: BLE001 - already ended or cluster gone
             continue

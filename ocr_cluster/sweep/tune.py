@@ -8,7 +8,9 @@ A trial is a function trainable with a small CPU share (backend.ray.trial_cpus) 
 ocr_cluster.train.driver.run on the cell's config, inside the trial: preflight, the completed-row check,
 the TorchTrainer with name=run_id, its fit and its rows. So checkpoints, resume and rows are shared with
 `ray job submit` and the SLURM arrays, and a cell with a completed row returns at once (never trained
-twice, whatever launched it). Ray Train metrics reach Tune through TuneReportCallback.
+twice, whatever launched it). Ray Train metrics reach Tune through TuneReportCallback. A trial's
+config names its cell (name, run id); the cells' job configs and the Ray job's id come with the
+trainable (tune.with_parameters), which each launch gives anew.
 
 Experiments live on shared storage under backend.ray.experiment_uri (default
 <first cell's storage.checkpoint_uri>/_tune/<sweep>), one directory per launch (exp-<UTC time>). A launch
