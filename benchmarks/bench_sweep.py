@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_sweep.py --plan                 # `sweep plan` of the largest grid
     .venv/bin/python benchmarks/bench_sweep.py --launch 100           # `sweep launch` of a 100-cell grid
     .venv/bin/python benchmarks/bench_sweep.py --overhead --repeats 3 # task start -> first step, vs ray job submit
+    .venv/bin/python benchmarks/bench_sweep.py --overhead --ways ray,tune --repeats 3   # Tune trial vs ray job submit
 
 --plan      wall time of `ocr-cluster sweep plan` as a fresh process on the grid of sweeps/ with the most
             runs, with --no-store and with an empty local store (median of --repeats).
@@ -14,7 +15,12 @@
               slurm  `sweep launch` of a one-cell grid; the task log is polled every 50 ms: submit -> task
                      start (submitit's first log line) -> first "iter" line;
               ray    `ray job submit` of `python -m ocr_cluster.train CELL` with the README's runtime env
-                     on a warm Ray head: submit -> first "iter" line of the followed job log.
+                     on a warm Ray head: submit -> the driver's "run <id> (...)" line (driver start) ->
+                     first "iter" line of the followed job log.
+              tune   `sweep launch --backend ray` of the one-cell grid on the same head (one Ray job running
+                     Tune, one trial): submit -> the trial's "run <id> (...)" line (driver.run starting in
+                     the trial) -> first "iter" line, from the job's log polled every 200 ms.
+            --ways picks which (default slurm,ray).
             Each run is stopped (sweep cancel / ray job stop) once its first iteration is logged.
 
 SLURM and Ray come from scripts/services.py, started here and stopped by PID; with SLURM_CONF already set
@@ -45,6 +51,7 @@ from ocr_cluster.sweep.grid import load  # noqa: E402
 BIN = Path(sys.executable).parent
 CLI = [str(BIN / "ocr-cluster")]
 ITER_LINE = re.compile(r"\] iter \d+/\d+ \|")
+RUN_LINE = re.compile(r"\brun \S+ \(.*\): .* iterations, batch")  # driver.run's first line
 
 
 def run(cmd: list[str], env: dict | None = None, check: bool = True) -> tuple[float, str]:
@@ -169,15 +176,68 @@ def ray_once(tmp: Path, data: Path, seed: int, ray) -> dict:
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         seen: list[str] = []
+        started = None
         for line in proc.stdout:
             seen.append(line)
+            if started is None and RUN_LINE.search(line):
+                started = time.perf_counter()
             if ITER_LINE.search(line):
-                return {"submit_to_iter": time.perf_counter() - start}
+                now = time.perf_counter()
+                return {"submit_to_start": (started or now) - start, "start_to_iter": now - (started or now),
+                        "submit_to_iter": now - start}
         raise RuntimeError("ray job ended without an iter line:\n" + "".join(seen[-20:]))
     finally:
         run([str(BIN / "ray"), "job", "stop", job], env=env, check=False)
         proc.terminate()
         proc.wait()
+
+
+def tune_once(tmp: Path, data: Path, seed: int, ray) -> dict:
+    from ray.job_submission import JobSubmissionClient
+
+    grid = write_grid(tmp / f"tune_{seed}.yaml", f"bench_tune_{os.getpid()}_{seed}", str(REPO / "jobs/quickstart.yaml"),
+                      tiny_cell(tmp, data, seed))
+    env = {**os.environ, **ray.env}
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    try:
+        out = run([*CLI, "sweep", "launch", str(grid), "--backend", "ray", "--address", ray.info["dashboard_url"]],
+                  env=env)[1]
+        job = next(line.split()[0] for line in out.splitlines() if line.startswith("  ocr-sweep-"))
+        saved = {k: os.environ.get(k) for k in ray.env}
+        os.environ.update(ray.env)
+        _reload_ray_token()
+        try:
+            client = JobSubmissionClient(ray.info["dashboard_url"])
+            lines = lambda: client.get_job_logs(job).splitlines()  # noqa: E731
+            started = wait_for_poll(lines, RUN_LINE, 600)
+            first = wait_for_poll(lines, ITER_LINE, 600)
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        if started is None or first is None:
+            raise RuntimeError("no trial start or iter line:\n" + "\n".join(lines()[-20:]))
+        return {"submit_to_start": started - start, "start_to_iter": first - started, "submit_to_iter": first - start}
+    finally:
+        run([*CLI, "sweep", "cancel", str(grid)], env=env, check=False)
+
+
+def _reload_ray_token() -> None:
+    """Ray caches its auth mode and token per process at first use (as tests/conftest.py refreshes them)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def wait_for_poll(lines, pattern: re.Pattern, timeout: float) -> float | None:
+    """wait_for at 200 ms: each poll of a job's log is an HTTP request to the dashboard."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if any(pattern.search(line) for line in lines()):
+            return time.perf_counter()
+        time.sleep(0.2)
+    return None
 
 
 def _nested(flat: dict) -> dict:
@@ -188,18 +248,20 @@ def _nested(flat: dict) -> dict:
     return out
 
 
-def bench_overhead(repeats: int, tmp: Path, env: dict, stack: list) -> None:
+def bench_overhead(repeats: int, tmp: Path, env: dict, stack: list, ways: tuple[str, ...] = ("slurm", "ray")) -> None:
     data = tmp / "tiny_data"
     run([*CLI, "data", "synth", str(data), "--num-train", "16", "--num-val", "4", "--size", "64x64"])
     ray = services.start_ray()
     stack.append(ray)
     print(f"started Ray head at {ray.info['address']}", flush=True)
-    results: dict[str, list[dict]] = {"slurm": [], "ray": []}
+    results: dict[str, list[dict]] = {way: [] for way in ways}
+    once = {"slurm": lambda seed: slurm_once(tmp, data, seed, env), "ray": lambda seed: ray_once(tmp, data, seed, ray),
+            "tune": lambda seed: tune_once(tmp, data, seed, ray)}
     for i in range(repeats):
-        for way in ("slurm", "ray"):
-            seed = 1000 * (way == "ray") + i + 1
+        for way in ways:
+            seed = 1000 * ways.index(way) + i + 1
             try:
-                got = slurm_once(tmp, data, seed, env) if way == "slurm" else ray_once(tmp, data, seed, ray)
+                got = once[way](seed)
             except RuntimeError as exc:  # a trial that failed is reported, not timed
                 print(f"  {way} #{i + 1}: FAILED: {str(exc)[-1500:]}", flush=True)
                 continue
@@ -216,6 +278,7 @@ def main() -> int:
     parser.add_argument("--launch", type=int, metavar="N", default=0)
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ways", default="slurm,ray", help="--overhead: comma-separated slurm, ray, tune")
     args = parser.parse_args()
     if not (args.plan or args.launch or args.overhead):
         parser.error("choose at least one of --plan, --launch N, --overhead")
@@ -226,12 +289,13 @@ def main() -> int:
     try:
         if args.plan:
             bench_plan(args.repeats, tmp)
+        ways = tuple(args.ways.split(","))
         if args.launch or args.overhead:
-            env = slurm_env(stack)
+            env = slurm_env(stack) if args.launch or "slurm" in ways else dict(os.environ)
             if args.launch:
                 bench_launch(args.launch, tmp, env)
             if args.overhead:
-                bench_overhead(args.repeats, tmp, env, stack)
+                bench_overhead(args.repeats, tmp, env, stack, ways)
         machine()
     finally:
         for service in reversed(stack):

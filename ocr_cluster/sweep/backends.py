@@ -2,11 +2,13 @@
 like the job config (ocr_cluster.config): unknown keys and wrong types fail with one line naming the key.
 
     backend:
+      default: slurm                        # what `sweep launch` uses without --backend: slurm | ray
       slurm: {partition: gpu, gpus_per_node: 8, time: "2-00:00:00", array_parallelism: 16}
-      ray: {address: "ray://head:10001"}
+      ray: {address: "http://head:8265", max_concurrent_trials: 4}
 
-The SLURM launcher (submitit job arrays) and the Ray Tune backend read these; a backend a grid does
-not name keeps its defaults. Add fields here, with defaults that keep old grid files valid.
+The SLURM launcher (submitit job arrays) and the Ray Tune backend (ocr_cluster.sweep.tune) read these;
+a backend a grid does not name keeps its defaults, so one file runs on either. Add fields here, with
+defaults that keep old grid files valid.
 """
 
 from __future__ import annotations
@@ -39,17 +41,27 @@ class SlurmBackend:
 
 @dataclass
 class RayBackend:
-    address: str = opt("", "Ray cluster for the Ray Tune backend; empty = RAY_ADDRESS")
+    address: str = opt("", "Ray cluster's dashboard (http://head:8265) for the Ray Tune backend; empty = "
+                           "--address or RAY_ADDRESS")
     max_concurrent_trials: int = opt(0, "cells training at once; 0 = as many as the cluster fits")
+    trial_cpus: float = opt(0.1, "CPUs a cell's Tune trial holds besides its Ray Train workers (it only waits)")
+    experiment_uri: str = opt("", "where Tune keeps the sweep's experiment state (shared by every node); "
+                                  "empty = <first cell's storage.checkpoint_uri>/_tune/<sweep>")
 
 
 @dataclass
 class Backend:
+    default: str = opt("slurm", "backend of `sweep launch` without --backend: slurm or ray")
     slurm: SlurmBackend = field(default_factory=SlurmBackend)
     ray: RayBackend = field(default_factory=RayBackend)
 
 
+BACKENDS = ("slurm", "ray")
+
+
 def _check(backend: Backend) -> None:
+    if backend.default not in BACKENDS:
+        raise ConfigError(f"backend.default: expected one of {', '.join(BACKENDS)}, got {backend.default!r}")
     slurm = backend.slurm
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "array_parallelism"):
         if getattr(slurm, key) < 0:
@@ -64,6 +76,8 @@ def _check(backend: Backend) -> None:
         raise ConfigError(f"backend.slurm.sbatch: expected long options such as '--constraint=a100', got {bad[0]!r}")
     if backend.ray.max_concurrent_trials < 0:
         raise ConfigError(f"backend.ray.max_concurrent_trials: must be >= 0, got {backend.ray.max_concurrent_trials}")
+    if backend.ray.trial_cpus < 0:
+        raise ConfigError(f"backend.ray.trial_cpus: must be >= 0, got {backend.ray.trial_cpus}")
 
 
 def from_dict(data: Any) -> Backend:

@@ -4,7 +4,8 @@
     <store>/_launches/sweep=<S>/cancel-<UTC time>-<id>.json
 
 A launch record says what was submitted: the sweep, the grid's axes, each cell's name, run id, axis
-values and SLURM job id, the backend parameters, the submitit folder, the git sha and the time. It holds
+values and job id (SLURM's, or the Ray job's submission id with backend_kind "ray" and the cluster's
+address), the backend parameters, the submitit folder, the git sha and the time. It holds
 no environment and no credential. The store's readers skip '_' directories, so records are never rows.
 The newest record naming a run id gives that cell's job; `sweep status` and the next launch check that
 job against squeue.
@@ -72,6 +73,8 @@ class Submitted:
     launch: str            # the launch record's URI
     time: str
     cancelled: bool = False
+    backend: str = "slurm"  # or "ray": job_id is then a Ray job's submission id on `address`
+    address: str = ""
 
 
 def submitted(records: list[dict[str, Any]]) -> dict[str, Submitted]:
@@ -81,7 +84,9 @@ def submitted(records: list[dict[str, Any]]) -> dict[str, Submitted]:
         if record.get("kind") == "launch":
             for cell in record.get("cells", []):
                 out[cell["run_id"]] = Submitted(cell["run_id"], cell.get("name", ""), str(cell["job_id"]),
-                                                record["uri"], record.get("time", ""))
+                                                record["uri"], record.get("time", ""),
+                                                backend=record.get("backend_kind", "slurm"),
+                                                address=record.get("address", ""))
         elif record.get("kind") == "cancel":
             cancelled = set(record.get("job_ids", []))
             for sub in out.values():

@@ -3,6 +3,9 @@
     sweep launch GRID [--dry-run] [--wait] [--folder DIR]   submit the missing cells as one job array
     sweep status GRID [--watch [S]] [--json]                one line per cell; exit 0 only when all completed
     sweep cancel GRID                                       scancel the sweep's live jobs
+
+With --backend ray (or `backend: {default: ray}` in the grid) launch submits one Ray job running Ray Tune
+instead (ocr_cluster.sweep.ray_backend); status and cancel follow each cell's launch record, either kind.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ STATE_STYLES = {"completed": "green", "failed": "red", "lost": "red", "running":
 
 def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
     if action == "launch":
+        parser.add_argument("--backend", choices=("slurm", "ray"), default=None,
+                            help="where the cells run (default: the grid's backend.default, else slurm)")
+        parser.add_argument("--address", metavar="URL", default=None,
+                            help="--backend ray: the Ray cluster's dashboard, e.g. http://head:8265 (default: "
+                                 "backend.ray.address, else RAY_ADDRESS)")
+        parser.add_argument("--with-secrets", action="store_true",
+                            help="--backend ray: pass this shell's object-store credentials in the job's runtime env "
+                                 "(plain text in Ray's logs and job API; by default the nodes use their own)")
         parser.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
         parser.add_argument("--wait", action="store_true",
                             help="after submitting, follow the sweep until no cell is queued or running")
@@ -115,6 +126,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from ocr_cluster.sweep.launch import parameters, plan_launch, prepare, submit
 
     grid = load(args.grid)
+    if (args.backend or grid.backend.default) == "ray":
+        from ocr_cluster.sweep import ray_backend
+
+        return ray_backend.cmd_launch(args, grid)
     if args.dry_run:
         try:
             launch = plan_launch(grid, args.store, check=True)
@@ -164,7 +179,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.watch is not None and not args.json:
         statuses = follow(grid, cells, args.watch)
     else:
-        statuses, notes = cell_states(cells, grid.name, ask_slurm=slurm.available())
+        statuses, notes = cell_states(cells, grid.name, ask_slurm=slurm.available(), ask_ray=True)
         _warn(notes)
         if args.json:
             for s in statuses:
@@ -180,24 +195,32 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from ocr_cluster.sweep import records, slurm
     from ocr_cluster.sweep.grid import load
     from ocr_cluster.sweep.launch import prepare
+    from ocr_cluster.sweep.ray_backend import ray_jobs_of
+    from ocr_cluster.sweep.ray_backend import stop as stop_ray
     from ocr_cluster.sweep.status import cell_states
 
     grid = load(args.grid)
-    slurm.check_cluster()
     notes: list[str] = []
     cells = prepare(grid, args.store, notes)
+    ray_jobs = ray_jobs_of(cells, grid.name)
+    if not ray_jobs:  # a sweep launched on a Ray cluster needs no SLURM to be cancelled
+        slurm.check_cluster()
     statuses, more = cell_states(cells, grid.name)
     _warn(notes + more)
     live = [s for s in statuses if s.state in LIVE and s.job_id]
     if not live:
         print(f"sweep {grid.name}: no queued or running job to cancel")
         return 0
-    cancelled = slurm.scancel([s.job_id for s in live])
+    live_ray = {s.job_id: ray_jobs[s.job_id] for s in live if s.job_id in ray_jobs}
+    live = [s for s in live if s.job_id not in ray_jobs]
+    cancelled = slurm.scancel([s.job_id for s in live]) if live else []
+    cancelled += stop_ray(live_ray)
+    live += [s for s in statuses if s.job_id in live_ray and s.state in LIVE]
     for store_uri in dict.fromkeys(s.cell.config.results.store_uri for s in live):
         records.write_record(store_uri, grid.name, "cancel", {"job_ids": cancelled})
     print(f"sweep {grid.name}: cancelled {len(cancelled)} job(s): {' '.join(cancelled)}")
-    missed = [s.job_id for s in live if s.job_id not in cancelled]
+    missed = list(dict.fromkeys(s.job_id for s in live if s.job_id not in cancelled))
     if missed:
-        print(f"scancel refused: {' '.join(missed)}", file=sys.stderr)
+        print(f"scancel or the Ray job API refused: {' '.join(missed)}", file=sys.stderr)
         return 1
     return 0

@@ -6,6 +6,8 @@
     cancelled   `sweep cancel` stopped it             not launched  never submitted
     unread      the store could not be read
 
+A cell launched with --backend ray names its sweep's Ray job: while that job is pending or running the
+cell is pending (no checkpoint yet) or running (its checkpoints' progress); a stopped job is cancelled.
 A completed row wins over everything; a live job wins over a failed row (a resubmitted cell). Works
 without SLURM accounting: squeue for live jobs, `scontrol show job` (for MinJobAge after the end) or
 sacct, when it answers, for the end of a vanished one.
@@ -95,17 +97,36 @@ def _first_line(text: str | None) -> str:
     return lines[0] if lines else "no error recorded"
 
 
-def _gone(sub: records.Submitted) -> tuple[str, str]:
+def _ray_jobs(job_ids: dict[str, str]) -> dict[str, slurm.JobState]:
+    """Ray jobs as JobStates: PENDING / RUNNING live, every other state as the job API says it."""
+    from ocr_cluster.sweep.ray_backend import job_states
+
+    out = {}
+    for job_id, state in job_states(job_ids).items():
+        live = state in ("PENDING", "RUNNING")
+        out[job_id] = slurm.JobState(job_id, state if live else f"RAY_{state}")
+    return out
+
+
+def _gone(sub: records.Submitted, job: slurm.JobState | None = None) -> tuple[str, str]:
     """State and detail of a submitted job that is no longer queued and left no row."""
     if sub.cancelled:
         return CANCELLED, f"job {sub.job_id} cancelled by `sweep cancel`"
+    if sub.backend == "ray":
+        state = job.state.removeprefix("RAY_") if job else None
+        if state == "STOPPED":
+            return CANCELLED, f"Ray job {sub.job_id} was stopped"
+        return LOST, f"Ray job {sub.job_id} ended ({state or 'the cluster no longer knows it'}) without a result row"
     job = slurm.show_job(sub.job_id)
     end = job.state if job else slurm.sacct_state(sub.job_id)
     return LOST, f"job {sub.job_id} ended ({end or 'SLURM no longer knows it'}) without a result row"
 
 
-def cell_states(cells: list[Cell], sweep: str, ask_slurm: bool = True) -> tuple[list[CellStatus], list[str]]:
-    """The state of every cell, and warning lines."""
+def cell_states(cells: list[Cell], sweep: str, ask_slurm: bool = True,
+                ask_ray: bool | None = None) -> tuple[list[CellStatus], list[str]]:
+    """The state of every cell, and warning lines. `ask_ray` (default: `ask_slurm`): ask the Ray job API
+    about cells launched with --backend ray."""
+    ask_ray = ask_slurm if ask_ray is None else ask_ray
     notes: list[str] = []
     stores = list(dict.fromkeys(c.config.results.store_uri for c in cells))
     runs: dict[str, dict[str, dict] | None] = {}
@@ -124,11 +145,15 @@ def cell_states(cells: list[Cell], sweep: str, ask_slurm: bool = True) -> tuple[
         except Exception as exc:  # noqa: BLE001 - an unreadable store is reported once above
             notes.append(f"could not read the launch records under {uri}: {exc}")
     jobs: dict[str, slurm.JobState] = {}
-    if ask_slurm and subs:
+    slurm_subs = [s for s in subs.values() if s.backend != "ray"]
+    if ask_slurm and slurm_subs:
         if slurm.available():
-            jobs = slurm.squeue([s.job_id for s in subs.values()])
+            jobs = slurm.squeue([s.job_id for s in slurm_subs])
         else:
             notes.append("squeue is not on PATH: live jobs cannot be seen (they show as lost)")
+    ray_subs = {s.job_id: s.address for s in subs.values() if s.backend == "ray"}
+    if ask_ray and ray_subs:
+        jobs.update(_ray_jobs(ray_subs))
     out = []
     for cell in cells:
         held = runs[cell.config.results.store_uri]
@@ -142,8 +167,10 @@ def cell_states(cells: list[Cell], sweep: str, ask_slurm: bool = True) -> tuple[
             status.detail = f"mIoU {row['miou']:.2f}" if row.get("miou") is not None else ""
         elif job is not None and job.live:
             status.state = PENDING if job.state == "PENDING" else RUNNING
-            if status.state == RUNNING:
-                done, miou = progress(cell.config, cell.run_id)
+            done, miou = progress(cell.config, cell.run_id) if status.state == RUNNING else (0, None)
+            if sub.backend == "ray" and status.state == RUNNING and not done:
+                status.detail = "in the sweep's Ray job, no checkpoint yet"
+            elif status.state == RUNNING:
                 status.detail = f"iter {done}/{cell.config.schedule.iters}" + (
                     f", last eval mIoU {miou:.2f}" if miou is not None else "")
             else:
@@ -155,8 +182,8 @@ def cell_states(cells: list[Cell], sweep: str, ask_slurm: bool = True) -> tuple[
             status.state, status.detail = FAILED, _first_line(row.get("error"))
         elif held is None:
             status.state, status.detail = UNREAD, "the results store could not be read"
-        elif sub and ask_slurm:
-            status.state, status.detail = _gone(sub)
+        elif sub and (ask_ray if sub.backend == "ray" else ask_slurm):
+            status.state, status.detail = _gone(sub, job)
         out.append(status)
     return out, notes
 

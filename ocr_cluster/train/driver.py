@@ -274,7 +274,8 @@ def check_cluster_storage(cfg: Config) -> None:
             "(README: Object storage)")
 
 
-def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
+def build_trainer(cfg: Config, start: RunStart, skip_counter=None, callbacks=()):
+    """The run's TorchTrainer; `callbacks`: more Ray Train callbacks (the Tune backend's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -298,14 +299,17 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
             name=start.layout.run_id, storage_path=storage_path,
             storage_filesystem=storage_fs if storage.is_remote(cfg.storage.checkpoint_uri) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            callbacks=[StopOnInputError()],  # bad input a worker finds is not retried
+            callbacks=[StopOnInputError(), *callbacks],  # bad input a worker finds is not retried
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.num_to_keep),
             logging_config=logs.train_logging_config()),
     )
 
 
-def run(cfg: Config) -> int:
-    """Train `cfg` to completion (or resume it); returns 0. Raises TrainSetupError / TrainFailed."""
+def run(cfg: Config, callbacks=(), in_trial: bool = False) -> int:
+    """Train `cfg` to completion (or resume it); returns 0. Raises TrainSetupError / TrainFailed.
+
+    A Ray Tune trial (ocr_cluster.sweep.tune) calls it with `in_trial=True` and its TuneReportCallback:
+    Ray is already up in the trial's process (connect_ray joins nothing), and a failure leaves Ray alone."""
     from ocr_cluster.train.results import completed_row, write_failed
 
     start = preflight(absolute_local_paths(cfg))
@@ -330,7 +334,7 @@ def run(cfg: Config) -> int:
         from ocr_cluster.data.pipeline import SkipCounter
 
         skip_counter = SkipCounter()
-    trainer = build_trainer(cfg, start, skip_counter)
+    trainer = build_trainer(cfg, start, skip_counter, callbacks)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray gave up after max_failures: record it, then one line
@@ -338,7 +342,8 @@ def run(cfg: Config) -> int:
 
         from ocr_cluster.train.input_errors import ANSI, input_error_line
 
-        ray.shutdown()  # no more relayed worker logs: the line the job ends with is ours
+        if not in_trial:
+            ray.shutdown()  # no more relayed worker logs: the line the job ends with is ours
         line = input_error_line(exc)
         if line is not None:  # bad input a worker found: one attempt, exit 2 with its line
             write_failed(cfg, layout, line)

@@ -1,0 +1,252 @@
+"""The Ray Tune backend's driver: one Tune trial per cell, each running the single job's training entry.
+
+    python -m ocr_cluster.sweep.tune GRID.yaml [--store URI]     foreground: inside `ray job submit`, or
+                                                                  with RAY_ADDRESS / --address set
+    python -m ocr_cluster.sweep.tune --cells URI                  what `sweep launch --backend ray` submits
+
+A trial is a function trainable with a small CPU share (backend.ray.trial_cpus) that calls
+ocr_cluster.train.driver.run on the cell's config, inside the trial: preflight, the completed-row check,
+the TorchTrainer with name=run_id, its fit and its rows. So checkpoints, resume and rows are shared with
+`ray job submit` and the SLURM arrays, and a cell with a completed row returns at once (never trained
+twice, whatever launched it). Ray Train metrics reach Tune through TuneReportCallback. A trial's
+config names its cell (name, run id); the cells' job configs and the Ray job's id come with the
+trainable (tune.with_parameters), which each launch gives anew.
+
+Experiments live on shared storage under backend.ray.experiment_uri (default
+<first cell's storage.checkpoint_uri>/_tune/<sweep>), one directory per launch (exp-<UTC time>). A launch
+first restores the newest experiment when Tune can (Tuner.restore with resume_errored: trials cut off by
+`ray job stop` or a dead driver run again, and their Ray Train runs resume from their checkpoints), then
+runs a new experiment for the cells to do that the restored one does not hold (cells added to the grid
+since, or cells that experiment never got to). Two steps, because a Tune experiment's trials are fixed
+when it is created (a new Tuner never resumes, and a restored one takes no new trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from typing import Any
+from urllib.parse import quote
+
+from ocr_cluster import storage
+from ocr_cluster.results.rows import LAUNCH_ENV
+from ocr_cluster.sweep.grid import Cell
+
+LAUNCHER = "tune"
+EXPERIMENT_PREFIX = "exp-"
+
+
+def experiment_root(sweep: str, cells: list[Cell], configured: str = "") -> str:
+    """Where the sweep's Tune experiments live (absolute when local)."""
+    uri = configured or storage.join(cells[0].config.storage.checkpoint_uri, "_tune", quote(sweep, safe=""))
+    return uri if storage.is_remote(uri) else storage.local_path(uri)
+
+
+def stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def cell_params(cell: Cell) -> dict[str, Any]:
+    """A trial's config: which cell it is. The cell's job config and the launch (job id) come with the
+    trainable (tune.with_parameters), given anew by each launch: a restored trial keeps its config, but
+    trains the grid as it is now and its rows name the job that ran it."""
+    return {"name": cell.name, "run_id": cell.run_id}
+
+
+def train_cell(params: dict[str, Any], launch: dict[str, Any] | None = None,
+               configs: dict[str, str] | None = None) -> None:
+    """The trainable: one cell (params["cell"]) through the single job's training entry, in the trial's
+    process. `configs`: run id -> job config YAML of the cells this launch trains; a restored trial whose
+    cell is not among them (completed since, or no longer in the grid) has nothing to do."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ocr_cluster.config import loads_yaml
+    from ocr_cluster.train.driver import run
+
+    cell = params["cell"]
+    config_yaml = (configs or {}).get(cell["run_id"])
+    if config_yaml is None:
+        print(f"cell {cell['name']} ({cell['run_id']}): not to be trained by this launch (completed, or no "
+              "longer in the grid); skipped", flush=True)
+        return
+    os.environ[LAUNCH_ENV["launcher"]] = LAUNCHER  # attempt_launch reads these; the workers get them
+    if (launch or {}).get("job_id"):
+        os.environ[LAUNCH_ENV["scheduler_job_id"]] = launch["job_id"]
+    run(loads_yaml(config_yaml), callbacks=[TuneReportCallback()], in_trial=True)
+
+
+def trial_name(trial) -> str:
+    return str(trial.config["cell"]["name"])
+
+
+def trial_dirname(trial) -> str:
+    return f"{trial.config['cell']['name'][:80]}-{trial.trial_id}"
+
+
+def experiments(root: str) -> list[str]:
+    """The experiment directory names under `root`, oldest first."""
+    fs, path = storage.filesystem(root)
+    try:
+        fs.invalidate_cache()
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (FileNotFoundError, OSError):
+        return []
+    return sorted(n for n in names if n.startswith(EXPERIMENT_PREFIX))
+
+
+def run_sweep(sweep: str, cells: list[Cell], root: str, *, max_concurrent: int = 0, trial_cpus: float = 0.1,
+              job_id: str | None = None) -> dict[str, str]:
+    """Restore the newest experiment, then a new one for `cells` it does not hold; run id -> trial state."""
+    from ray import tune
+
+    fs, path = storage.arrow_filesystem(root)
+    arrow_fs = fs if storage.is_remote(root) else None
+    configs = {c.run_id: c.config.to_yaml() for c in cells}
+    trainable = tune.with_resources(tune.with_parameters(train_cell, launch={"job_id": job_id}, configs=configs),
+                                    {"cpu": trial_cpus})
+    states: dict[str, str] = {}
+    held: set[str] = set()
+    found = experiments(root)
+    if found:
+        latest = f"{path.rstrip('/')}/{found[-1]}"
+        latest_uri = storage.join(root, found[-1])
+        if tune.Tuner.can_restore(latest, storage_filesystem=arrow_fs):
+            print(f"sweep {sweep}: restoring Tune experiment {latest_uri}", flush=True)
+            tuner = tune.Tuner.restore(latest, trainable, resume_errored=True, storage_filesystem=arrow_fs)
+            held, restored = _fit(tuner)
+            states.update(restored)
+    todo = [c for c in cells if c.run_id not in held]
+    if not todo:
+        return states
+    name = f"{EXPERIMENT_PREFIX}{stamp()}"
+    print(f"sweep {sweep}: Tune experiment {storage.join(root, name)}: {len(todo)} cell(s)"
+          + (f", {max_concurrent} at once" if max_concurrent else ""), flush=True)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search([cell_params(c) for c in todo])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None, trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=arrow_fs, verbose=1),
+    )
+    states.update(_fit(tuner)[1])
+    return states
+
+
+def _fit(tuner) -> tuple[set[str], dict[str, str]]:
+    """Fit; (the run ids the experiment holds, run id -> 'completed' or the trial's error line)."""
+    results = tuner.fit()
+    held, states = set(), {}
+    for result in results:
+        run_id = result.config["cell"]["run_id"]
+        held.add(run_id)
+        error = result.error
+        states[run_id] = "completed" if error is None else _first_line(error)
+    return held, states
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(cause).__name__
+
+
+def job_id_here() -> str | None:
+    """The submission id of the Ray job this driver runs in (None outside `ray job submit`)."""
+    from ocr_cluster.results.rows import launch_fields
+
+    return os.environ.get(LAUNCH_ENV["scheduler_job_id"]) or launch_fields().get("scheduler_job_id")
+
+
+def connect(address: str | None) -> None:
+    """Inside a Ray job: its cluster. Elsewhere: `address` or RAY_ADDRESS, shipping this package as
+    `ray job submit` with the README's runtime env would (never credentials)."""
+    import ray
+
+    from ocr_cluster import logs
+    from ocr_cluster.train.driver import joined_runtime_env
+
+    options = logs.ray_init_options(local=False)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        ray.init(**options)
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        from ocr_cluster.sweep.grid import SweepError
+
+        raise SweepError("no Ray cluster: give --address or set RAY_ADDRESS (or run this as the entrypoint "
+                         "of `ray job submit`)")
+    joined = joined_runtime_env()
+    env = options.setdefault("runtime_env", {})
+    env.update({**joined, "env_vars": {**env.get("env_vars", {}), **joined["env_vars"]}})
+    ray.init(address=address, **options)
+
+
+def read_cells(uri: str) -> tuple[dict[str, Any], list[Cell]]:
+    """The cells file `sweep launch --backend ray` wrote: (its header, the cells)."""
+    from ocr_cluster.config import loads_yaml
+
+    body = json.loads(storage.read_bytes(uri))
+    cells = [Cell(c["name"], loads_yaml(c["config_yaml"]), c.get("axes") or {}) for c in body["cells"]]
+    return body, cells
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ocr_cluster.errors import UserInputError
+
+    parser = argparse.ArgumentParser(prog="python -m ocr_cluster.sweep.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", nargs="?", help="sweeps/<grid>.yaml (foreground mode)")
+    parser.add_argument("--cells", metavar="URI", help="cells file written by `sweep launch --backend ray`")
+    parser.add_argument("--store", metavar="URI", default=None, help="results store of every cell")
+    parser.add_argument("--address", default=None, help="Ray cluster (default RAY_ADDRESS; not inside a job)")
+    args = parser.parse_args(argv)
+    if bool(args.grid) == bool(args.cells):
+        parser.error("give a grid file or --cells, not both")
+    try:
+        if args.cells:
+            body, cells = read_cells(args.cells)
+            sweep, ray_opts = body["sweep"], body["ray"]
+        else:
+            cells, sweep, ray_opts = _from_grid(args.grid, args.store)
+        if not cells:
+            print(f"sweep {sweep}: nothing to train", flush=True)
+            return 0
+        connect(args.address)
+        root = ray_opts.get("experiment_root") or experiment_root(sweep, cells, ray_opts.get("experiment_uri", ""))
+        states = run_sweep(sweep, cells, root, max_concurrent=ray_opts.get("max_concurrent_trials", 0),
+                           trial_cpus=ray_opts.get("trial_cpus", 0.1), job_id=job_id_here())
+    except UserInputError as exc:
+        print(f"python -m ocr_cluster.sweep.tune: error: {exc}", file=sys.stderr)
+        return 2
+    failed = {run_id: why for run_id, why in states.items() if why != "completed"}
+    print(f"sweep {sweep}: {len(states) - len(failed)} trial(s) ended, {len(failed)} failed", flush=True)
+    for run_id, why in failed.items():
+        print(f"  {run_id}: {why}", flush=True)
+    return 1 if failed else 0
+
+
+def _from_grid(path: str, store: str | None) -> tuple[list[Cell], str, dict[str, Any]]:
+    """Foreground mode: the grid's cells without a completed row."""
+    import dataclasses
+
+    from ocr_cluster.sweep.grid import load
+    from ocr_cluster.sweep.launch import prepare
+    from ocr_cluster.sweep.status import COMPLETED, cell_states
+
+    grid = load(path)
+    notes: list[str] = []
+    cells = prepare(grid, store, notes)
+    statuses, more = cell_states(cells, grid.name, ask_slurm=False)
+    for note in notes + more:
+        print(f"warning: {note}", file=sys.stderr)
+    todo = [s.cell for s in statuses if s.state != COMPLETED]
+    opts = dataclasses.asdict(grid.backend.ray)
+    opts["experiment_root"] = experiment_root(grid.name, cells, grid.backend.ray.experiment_uri)
+    return todo, grid.name, opts
+
+
+if __name__ == "__main__":
+    sys.exit(main())
