@@ -93,6 +93,9 @@ class Rendezvous:
     def joined_file(self, node_rank: int) -> Path:
         return self._path(f"ray_node{node_rank}_joined")
 
+    def failed_file(self, node_rank: int) -> Path:
+        return self._path(f"ray_node{node_rank}_failed")
+
     def publish_head(self, address: str) -> None:
         tmp = self.head_file.with_suffix(".tmp")
         tmp.write_text(address)
@@ -108,6 +111,9 @@ class Rendezvous:
         while not all(self.joined_file(r).exists() for r in others):
             if stopped.is_set():
                 raise RendezvousError("stopped while waiting for the nodes to join")
+            failed = [f for f in map(self.failed_file, others) if f.exists()]
+            if failed:
+                raise RendezvousError(failed[0].read_text().strip())
             if time.monotonic() - start > timeout:
                 missing = [str(r) for r in others if not self.joined_file(r).exists()]
                 raise RendezvousError(f"node task(s) {', '.join(missing)} of {self.nodes} did not join the cell's "
@@ -154,11 +160,15 @@ def join_until_done(rdv: Rendezvous, node_rank: int, num_cpus: int, num_gpus: in
             node.wait_ready()
         except RayHeadError as exc:
             register(None)
+            print(exc, flush=True)  # with Ray's log tail; its temp dir is gone
             if stopped.is_set() or rdv.done_file.exists():
                 break
-            if not joined or rejoins >= MAX_REJOINS:
-                raise RendezvousError(f"could not join the cell's Ray head {address}: "
-                                      f"{str(exc).splitlines()[0]}") from None
+            if rejoins >= MAX_REJOINS or not _reachable(address):
+                why = (f"node task {node_rank} could not join the cell's Ray head {address}: "
+                       f"{str(exc).splitlines()[0].removesuffix('; log tail:')}")
+                if not joined:
+                    rdv.failed_file(node_rank).write_text(why + "\n")  # the head stops waiting for it
+                raise RendezvousError(why) from None
             rejoins += 1
             time.sleep(2)
             continue

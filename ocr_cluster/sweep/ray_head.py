@@ -69,6 +69,7 @@ class RayHead:
     env: dict[str, str] = field(default_factory=dict)   # what a client of this head needs (auth token)
     log: Path | None = None
     proc: subprocess.Popen | None = None
+    role: str = "private Ray head"
 
     def wait_ready(self, timeout: float = 120.0) -> RayHead:
         """Wait until `ray start` says the head is up; RayHeadError (and the head stopped) otherwise."""
@@ -81,7 +82,7 @@ class RayHead:
         code = self.proc.poll() if self.proc is not None else None
         state = f"exited with {code}" if code is not None else f"not up after {timeout:.0f}s"
         self.stop()
-        raise RayHeadError(f"the private Ray head {state}; log tail:\n{tail}")
+        raise RayHeadError(f"the {self.role} {state}; log tail:\n{tail}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the head's process group, SIGKILL what is left after `timeout`, remove its temp dir."""
@@ -178,7 +179,8 @@ def spawn_node(head_address: str, node_ip: str, token: str, num_cpus: int, num_g
            *(f"--{flag}={port}" for flag, port in ports.items()), f"--temp-dir={temp_dir}",
            "--disable-usage-stats", *_resource_flags(num_cpus, num_gpus, object_store_mb)]
     proc = _launch(cmd, temp_dir, env)
-    return RayHead(proc.pid, head_address, temp_dir, client_env, temp_dir / "ray_start.log", proc)
+    return RayHead(proc.pid, head_address, temp_dir, client_env, temp_dir / "ray_start.log", proc,
+                   role=f"Ray node {node_ip}")
 
 
 def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float = 120.0,

@@ -168,10 +168,12 @@ class CellTask(submitit.helpers.Checkpointable):
                     raise CellInterrupted(f"stopped while starting Ray: {exc}") from None
                 # The whole message (with Ray's log tail) goes to the task log, whose temp dir is gone;
                 # the row gets one line: what happened and the log's last line.
-                print(f"could not start the cell's Ray head: {exc}", file=sys.stderr, flush=True)
+                print(f"could not start the cell's Ray cluster: {exc}", file=sys.stderr, flush=True)
                 lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 what = lines[0].removesuffix("; log tail:") if lines else type(exc).__name__
                 error = f"could not start the cell's Ray head: {what}" + (f" ({lines[-1]})" if len(lines) > 1 else "")
+                if isinstance(exc, multinode.RendezvousError):
+                    error = f"the cell's Ray cluster did not form: {what}"
                 _write_failed(cfg, error, before)
                 raise CellFailed(error) from None
             env = {**base_env, **head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1"}
