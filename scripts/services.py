@@ -249,7 +249,7 @@ KillWait=5
 MinJobAge=300
 # A requeued job may start again once its step credential expires (default 120 s): 30 s keeps tests short.
 AuthInfo=cred_expire=30
-# Both nodes are this host: each reports the configured CPUs and memory, which they share.
+# Both nodes are this host: each takes its configured share of the CPUs and memory, not what it detects.
 SlurmdParameters=config_overrides
 {nodes}PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 """
@@ -296,9 +296,9 @@ def multiple_slurmd(run_env: dict[str, str]) -> bool:
 
 
 def start_slurm() -> Service:
-    """slurmctld and two slurmd nodes (n1, n2) on this host, one partition over both. Each node has the
-    host's CPUs and most of its memory (the nodes share them), a port of its own and its own loopback
-    address as NodeAddr."""
+    """slurmctld and two slurmd nodes (n1, n2) on this host, one partition over both. The nodes split the
+    host's CPUs (at least one each) and most of its memory; each has a port of its own and its own
+    loopback address as NodeAddr."""
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "sinfo", "munged", "munge") if not shutil.which(b)
                and not Path(f"/usr/sbin/{b}").exists()]
     if missing:
@@ -315,8 +315,9 @@ def start_slurm() -> Service:
                       if line.startswith("MemTotal")).split()[1])
     conf = state / "slurm.conf"
     ctld_port, *node_ports = free_ports(1 + len(SLURM_NODES))
-    nodes = "".join(f"NodeName={name} NodeHostname={host} NodeAddr={addr} Port={port} CPUs={os.cpu_count()} "
-                    f"RealMemory={int(mem_kb / 1024 * 0.85)} State=UNKNOWN\n"
+    cpus, mem_mb = max(1, (os.cpu_count() or 1) // len(SLURM_NODES)), int(mem_kb / 1024 * 0.85 / len(SLURM_NODES))
+    nodes = "".join(f"NodeName={name} NodeHostname={host} NodeAddr={addr} Port={port} CPUs={cpus} "
+                    f"RealMemory={mem_mb} State=UNKNOWN\n"
                     for (name, addr), port in zip(SLURM_NODES, node_ports))
     conf.write_text(SLURM_CONF.format(host=host, ctld_port=ctld_port, state=state, nodes=nodes,
                                       node_list=",".join(name for name, _ in SLURM_NODES)))
