@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -186,19 +187,38 @@ class Watch:
 
 
 def wait_done(cli, grid: Path, watch: Watch, timeout: float, on_tick=None) -> dict:
+    """Poll `sweep status` until the cell ends; meanwhile a thread ticks the watch (and `on_tick`) twice a
+    second, so that nothing is missed while the status command runs."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def ticker() -> None:
+        while not done.is_set():
+            try:
+                watch.tick()
+                if on_tick:
+                    on_tick()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(exc)
+                return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=ticker, daemon=True)
+    thread.start()
     deadline = time.monotonic() + timeout
-    last_status = 0.0
-    while True:
-        watch.tick()
-        if on_tick:
-            on_tick()
-        if time.monotonic() - last_status > 10:
-            last_status = time.monotonic()
-            cell = next(iter(states(cli, grid).values()))
-            if cell["state"] not in ("running", "pending", "requeued"):
-                return cell
-        assert time.monotonic() < deadline, f"cell not done after {timeout:.0f}s: {cell}"
-        time.sleep(1)
+    try:  # until SLURM no longer has the job (an overloaded squeue that fails or times out is asked again)
+        while not errors:
+            queued = subprocess.run(["squeue", "-h", "-j", watch.job_id], capture_output=True, text=True, timeout=120)
+            if queued.returncode == 0 and not queued.stdout.strip():
+                break
+            assert time.monotonic() < deadline, f"job {watch.job_id} still queued after {timeout:.0f}s"
+            time.sleep(2)
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    if errors:
+        raise errors[0]
+    return next(iter(states(cli, grid).values()))
 
 
 def assert_nothing_left(folder: Path, job_id: str) -> None:
@@ -254,7 +274,7 @@ def test_node_lost_mid_run_rejoins_and_the_cell_completes(cluster, s3, synth_uri
     root = s3.url("lost")
     store = f"{root}/results"
     folder = tmp_path / "submitit"
-    grid = write_grid(tmp_path / "lost.yaml", root, synth_uri, cluster, iters=(24,), name="lost", nodes=2,
+    grid = write_grid(tmp_path / "lost.yaml", root, synth_uri, cluster, iters=(40,), name="lost", nodes=2,
                       checkpoint_interval=4)
     grid.write_text(grid.read_text().replace("num_workers: 1", "num_workers: 2"))
     first = launch(cli, grid, folder)
