@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from test_sweep_slurm import attempts, files_text, launch, states, submitted, write_grid
+from test_sweep_slurm import REPO, attempts, files_text, launch, states, submitted, write_grid
 
 pytestmark = [pytest.mark.slurm, pytest.mark.s3, pytest.mark.timeout(600)]
 TOKEN = "multinode-test-token-" + os.urandom(8).hex()
@@ -310,3 +310,44 @@ def _is_raylet_of(pid: int, temp_dir: str) -> bool:
     except OSError:
         return False
     return "raylet" in cmd.split("\0")[0] and temp_dir in cmd
+
+
+@pytest.mark.parametrize("use_gpu, workers, slurm, message", [
+    (True, 6, {"nodes": 2, "gpus_per_node": 4}, "cluster.num_workers 6 must be backend.slurm.nodes 2 x gpus_per_node 4 = 8"),
+    (True, 6, {"nodes": 0, "gpus_per_node": 4}, "cluster.num_workers 6 must be backend.slurm.nodes 2 x gpus_per_node 4 = 8"),
+    (True, 8, {"nodes": 1, "gpus_per_node": 4}, "needs more GPUs than one node's backend.slurm.gpus_per_node 4"),
+    (False, 3, {"nodes": 2, "gpus_per_node": 0}, "cluster.num_workers 3 does not spread evenly over backend.slurm.nodes 2"),
+], ids=["gpu-mismatch", "gpu-auto-uneven", "gpu-one-node", "cpu-uneven"])
+def test_workers_must_fit_the_nodes(cli, tmp_path, use_gpu, workers, slurm, message):
+    """Refused before SLURM is asked: one line, exit 2."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text(json.dumps({"name": "shape", "base": str(REPO / "jobs/quickstart.yaml"),
+                                "set": {"cluster": {"num_workers": workers, "use_gpu": use_gpu}, "data": {"batch_size": 24}},
+                                "backend": {"slurm": slurm}}))
+    out = cli("sweep", "launch", str(grid), "--dry-run", "--folder", str(tmp_path / "f"))
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_multi_node_shapes_and_sbatch_parameters(tmp_path):
+    """nodes x gpus_per_node GPU workers become one job of `nodes` tasks; a CPU cell's workers are spread."""
+    from ocr_cluster.sweep.grid import load
+    from ocr_cluster.sweep.launch import cell_yaml, parameters, shape_of
+
+    def grid(use_gpu, workers, **slurm):
+        path = tmp_path / f"g{use_gpu}.yaml"
+        path.write_text(json.dumps({"name": "s", "base": str(REPO / "jobs/quickstart.yaml"),
+                                    "set": {"cluster": {"num_workers": workers, "use_gpu": use_gpu}, "data": {"batch_size": 24}},
+                                    "backend": {"slurm": slurm}}))
+        return load(path)
+
+    g = grid(True, 8, nodes=0, gpus_per_node=4)
+    (cell,) = g.cells()
+    shape = shape_of(cell, g)
+    assert (shape.nodes, shape.gpus) == (2, 4)
+    params = parameters(g, shape, 1)
+    assert (params["nodes"], params["ntasks_per_node"], params["gpus_per_node"]) == (2, 1, 4)
+    assert "placement_strategy: PACK" in cell_yaml(cell, shape)
+    g = grid(False, 2, nodes=2, gpus_per_node=0)
+    (cell,) = g.cells()
+    assert "placement_strategy: SPREAD" in cell_yaml(cell, shape_of(cell, g))

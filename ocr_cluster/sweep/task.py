@@ -107,13 +107,39 @@ def _write_failed(cfg, error: str, before: int | None) -> None:
               file=sys.stderr, flush=True)
 
 
+# Ray's own limit for a raylet to register is 30 s, which an overloaded node can miss: start again then.
+HEAD_STARTS = 3
+SLOW_START = "timed out during startup"
+
+
+def _start_head(cfg, nodes: int, base_env: dict[str, str], stopped: threading.Event):
+    """The cell's private head, registered so that signals stop it: on 127.0.0.1 for one node, else on
+    this node's address with the launch's token (multinode). Started again (new ports, new temp dir)
+    when Ray gave up waiting for its own raylet."""
+    from ocr_cluster.sweep import multinode
+    from ocr_cluster.sweep.ray_head import RayHeadError, spawn_head
+
+    where = {"node_ip": multinode.node_ip(), "token": multinode.token()} if nodes > 1 else {}
+    for start in range(1, HEAD_STARTS + 1):
+        head = _RUNNING["head"] = spawn_head(_cpus(cfg, nodes), base_env=base_env, **where)
+        print(f"private Ray head {head.address}, temp dir {head.temp_dir}", flush=True)
+        try:
+            return head.wait_ready()
+        except RayHeadError as exc:
+            if SLOW_START not in str(exc) or start == HEAD_STARTS or stopped.is_set():
+                raise
+            print(f"the private Ray head did not come up in time ({start}/{HEAD_STARTS}); starting it again",
+                  flush=True)
+    raise AssertionError("unreachable")
+
+
 class CellTask(submitit.helpers.Checkpointable):
     """The callable of every array task: `CellTask()(config_yaml)`."""
 
     def __call__(self, config_yaml: str) -> dict[str, Any]:
         from ocr_cluster import config
         from ocr_cluster.sweep import multinode
-        from ocr_cluster.sweep.ray_head import TOKEN_VAR, spawn_head
+        from ocr_cluster.sweep.ray_head import TOKEN_VAR
 
         job_id = _job_id()
         cell_file = Path(os.environ.get("SUBMITIT_FOLDER", ".")) / f"{job_id}_cell.yaml"
@@ -152,13 +178,7 @@ class CellTask(submitit.helpers.Checkpointable):
             except Exception:  # noqa: BLE001 - the driver's preflight names what is wrong with the store
                 pass
             try:
-                if nodes > 1:  # the head other nodes join: on this node's address, with the launch's token
-                    head = _RUNNING["head"] = spawn_head(_cpus(cfg, nodes), base_env=base_env,
-                                                         node_ip=multinode.node_ip(), token=multinode.token())
-                else:
-                    head = _RUNNING["head"] = spawn_head(_cpus(cfg), base_env=base_env)  # stopped on signals
-                print(f"private Ray head {head.address}, temp dir {head.temp_dir}", flush=True)
-                head.wait_ready()
+                head = _start_head(cfg, nodes, base_env, stopped)
                 if nodes > 1:
                     rdv.publish_head(head.address)
                     waited = rdv.wait_joined(stopped)
