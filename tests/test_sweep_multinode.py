@@ -274,7 +274,7 @@ def test_node_lost_mid_run_rejoins_and_the_cell_completes(cluster, s3, synth_uri
     root = s3.url("lost")
     store = f"{root}/results"
     folder = tmp_path / "submitit"
-    grid = write_grid(tmp_path / "lost.yaml", root, synth_uri, cluster, iters=(40,), name="lost", nodes=2,
+    grid = write_grid(tmp_path / "lost.yaml", root, synth_uri, cluster, iters=(24,), name="lost", nodes=2,
                       checkpoint_interval=4)
     grid.write_text(grid.read_text().replace("num_workers: 1", "num_workers: 2"))
     first = launch(cli, grid, folder)
