@@ -114,6 +114,9 @@ class DataSection:
     batch_size: int = opt(8, "global batch (all workers, after gradient accumulation)")
     skip_bad_samples: bool = opt(False, "skip undecodable or out-of-range samples instead of failing",
                                  hashed=False)
+    preserve_order: bool = opt(False, "deliver training samples in the stream's order and split them between "
+                                      "workers deterministically (Ray Data's preserve_order): reproducible runs "
+                                      "and resumes, for some data throughput", hashed=False)
     fingerprint: str = opt("", "the dataset's fingerprint, from its manifest's shard checksums; filled in by "
                                "the driver, set it to pin a dataset")
 

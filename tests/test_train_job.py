@@ -204,23 +204,42 @@ def _alive_train_workers(ray_cluster) -> list[int]:
     return [int(actor["pid"]) for actor in json.loads(out.stdout or "[]") if actor.get("pid")]
 
 
+def _snapshots(fs, path: str) -> list[str]:
+    try:
+        return [p for p in fs.find(path, maxdepth=2) if p.endswith("checkpoint_manager_snapshot.json")]
+    except FileNotFoundError:
+        return []
+
+
+def registered_checkpoint(checkpoints: str) -> int | None:
+    """The iteration of the latest checkpoint Ray Train has registered for the one run under `checkpoints`
+    (its checkpoint manager's snapshot: what a restarted worker group resumes from), None if none."""
+    from ocr_cluster.train.layout import checkpoint_iteration
+
+    fs, path = storage.filesystem(checkpoints)
+    fs.invalidate_cache()
+    (snapshot,) = _snapshots(fs, path)
+    latest = json.loads(fs.cat_file(snapshot)).get("latest_checkpoint_result")
+    return checkpoint_iteration(latest["checkpoint_dir_name"]) if latest else None
+
+
 def _kill_a_worker_after_first_checkpoint(ray_cluster, checkpoints: str, killed: list,
-                                          stop: threading.Event) -> None:
+                                          stop: threading.Event, registered: list | None = None) -> None:
+    """SIGKILL a training worker once a checkpoint is registered; then `registered` gets the latest
+    registered checkpoint's iteration as of the kill (read once the worker is gone)."""
     # Ray writes its checkpoint manager's snapshot once a checkpoint is registered (a checkpoint_iter=
     # directory appears earlier, when its upload starts; killing then would rightly restart from scratch).
     fs, path = storage.filesystem(checkpoints)
-    while not stop.is_set():
-        try:
-            if any(p.endswith("checkpoint_manager_snapshot.json") for p in fs.find(path, maxdepth=2)):
-                break
-        except FileNotFoundError:
-            pass
+    while not stop.is_set() and not _snapshots(fs, path):
         fs.invalidate_cache()
-        time.sleep(0.5)
+        time.sleep(0.2)
     pids = _alive_train_workers(ray_cluster) if not stop.is_set() else []
     if pids:
         killed.append(time.time())
         os.kill(max(pids), signal.SIGKILL)
+        if registered is not None:
+            time.sleep(2)  # a report the worker sent before it died is registered by now; no new one can come
+            registered.append(registered_checkpoint(checkpoints))
 
 
 def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_path, monkeypatch):
@@ -230,9 +249,10 @@ def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_
                                                             "log_interval": 4},
                          evaluation={"interval": 60, "fps_images": 6})
     killed: list[float] = []
+    registered: list[int | None] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(ray_cluster, f"{root}/runs", killed, stop), daemon=True)
+                              args=(ray_cluster, f"{root}/runs", killed, stop, registered), daemon=True)
     killer.start()
     try:
         result = submit(ray_cluster, s3, job)
@@ -244,9 +264,11 @@ def test_killed_worker_is_restarted_and_resumes(ray_cluster, s3, synth_uri, tmp_
     assert result.returncode == 0, log[-4000:]
     assert "resumed from the checkpoint at iteration" in log
     resumed_at = int(log.split("resumed from the checkpoint at iteration ")[1].split()[0])
+    # The restarted group resumed from the checkpoint registered when the worker died: not 0, not another.
+    assert registered and registered[0] is not None and resumed_at == registered[0], (resumed_at, registered)
     assert 4 <= resumed_at < 60
     (row,) = store_rows(f"{root}/results")
-    assert row["status"] == "completed"
+    assert row["status"] == "completed" and row["iters"] == 60
     # The run's accounting covers both attempts: the first's time up to its checkpoint, then the second's.
     assert row["started_at"].timestamp() < killed[0] < row["finished_at"].timestamp()
     assert row["total_time_s"] > row["train_time_s"] > 0

@@ -1,15 +1,18 @@
 """The training input: Ray Data over Parquet shards for TorchTrainer, and plain-Python iterators.
 
-Training (Ray Data), on the driver that builds the TorchTrainer:
+Training (Ray Data), in the worker group (train/loop.py's Trainer._train_stream: rank 0 builds the
+stream from where the run stands, the ranks get its splits):
 
     manifest = open_dataset(cfg.data)                     # checks data.dataset against the shards
-    ds = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=0,
-                       num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, manifest))
-    TorchTrainer(train_fn, datasets={"train": ds}, ...)   # DataConfig splits it: equal share per worker
+    epoch, consumed = stream_position(start_iter, cfg.data.batch_size, manifest)
+    ds = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=epoch, skip=consumed,
+                       num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, manifest,
+                                             start_epoch=epoch))
+    splits = ds.streaming_split(world_size, equal=True)  # as Ray Train's DataConfig: equal shares
 
 and in each worker (`per_worker = cfg.data.batch_size // world_size`):
 
-    for batch in torch_batches(ray.train.get_dataset_shard("train"), per_worker):
+    for batch in torch_batches(splits[rank], per_worker):
         batch["image"]  # float32 [B, 3, H, W], normalised, H x W = data.crop_size
         batch["label"]  # int64 [B, H, W], train ids, 255 = ignore (padding included)
         batch["key"]    # list of sample keys
@@ -26,11 +29,13 @@ tasks read whole shards (checking size and SHA-256) and emit small blocks of *en
 separate `map_batches` tasks decode and augment them, so only crops (and compressed originals)
 ever reach the object store and decoding spreads over every CPU of the cluster.
 
-Resume: Ray Data has no mid-epoch resume. A resumed run restarts its stream at
-`start_epoch = epoch_at(iteration, batch_size, manifest)`, so it sees fresh epochs with the same
-per-(seed, epoch, key) augmentation; resume is statistically, not bitwise, the same run. Which
-worker receives which sample is decided dynamically by Ray's streaming split; the *content* of
-each sample's crop is deterministic.
+Resume: a resumed run's stream starts where the checkpoint's iteration left the stream,
+`stream_position(iteration, batch_size, manifest)` = (epoch, samples of it consumed), given as
+`train_dataset(start_epoch=epoch, skip=consumed)`: the read tasks leave out the epoch's first
+`consumed` samples of its order, so no sample is read twice and none is left out. Which worker
+receives which sample is decided by Ray's streaming split: dynamically, unless the dataset's
+context has `execution_options.preserve_order` (data.preserve_order), which makes the order and the
+split deterministic; the *content* of each sample's crop is deterministic either way.
 
 Evaluation reads whole images split across workers: `eval_dataset(cfg.data, rank=r, world_size=w)`
 (Ray Data, built inside a worker) or `iter_eval(...)` (in-process) give worker r the contiguous
@@ -59,7 +64,7 @@ import numpy as np
 # The plan's public names are re-exported: pipeline is the module callers import.
 from ocr_cluster.data.plan import (COLUMNS, SkipCounter, Stats, block_rows_for, call_or_skip,  # noqa: F401
                                    epoch_at, epoch_plan, epochs_for, eval_params, eval_range, open_dataset,
-                                   read_shard_or_skip, row_order, shard_rows, train_params)
+                                   read_shard_or_skip, row_order, shard_rows, stream_position, train_params)
 from ocr_cluster.data.shards import Manifest
 from ocr_cluster.data.transforms import (EvalParams, TrainParams, eval_transform, sample_rng,
                                          train_transform)
@@ -200,8 +205,9 @@ class _ShardSource:
 
     def __init__(self, manifest: Manifest, split: str, *, epochs: list[int], seed: int, shuffle: bool,
                  rank: int, world_size: int, verify: bool, skip_bad: bool, counter: SkipCounter | None,
-                 block_rows: int):
+                 block_rows: int, skip: int = 0):
         self.manifest, self.split, self.epochs, self.seed, self.shuffle = manifest, split, epochs, seed, shuffle
+        self.skip = skip  # leading samples of the first epoch's order left out (a resumed stream)
         self.rank, self.world_size, self.verify, self.skip_bad = rank, world_size, verify, skip_bad
         self.counter, self.block_rows = counter, block_rows
         self.offsets = manifest.split(split).offsets()
@@ -228,21 +234,24 @@ class _ShardSource:
         shards = self.manifest.split(self.split).shards
         tasks = []
         for epoch in self.epochs:
+            to_skip = self.skip if epoch == self.epochs[0] else 0
             for index in epoch_plan(self.manifest, self.split, self.seed, epoch, self.shuffle):
                 shard = shards[index]
                 lo, hi = self._rows(index)
-                if hi <= lo:
+                drop, to_skip = min(to_skip, hi - lo), to_skip - min(to_skip, hi - lo)
+                if hi - lo - drop <= 0:
                     continue
-                size = shard.num_bytes * (hi - lo) // max(1, shard.num_samples)
-                meta = BlockMetadata(num_rows=hi - lo, size_bytes=size, exec_stats=None, input_files=None)
+                size = shard.num_bytes * (hi - lo - drop) // max(1, shard.num_samples)
+                meta = BlockMetadata(num_rows=hi - lo - drop, size_bytes=size, exec_stats=None, input_files=None)
                 args = (self.manifest, self.split, index, epoch, lo, hi, self.seed, self.shuffle, self.verify,
-                        self.skip_bad, self.counter, self.block_rows)
+                        self.skip_bad, self.counter, self.block_rows, drop)
                 tasks.append(ReadTask(lambda a=args: _read_task(*a), meta))
         return tasks
 
 
 def _read_task(manifest: Manifest, split: str, index: int, epoch: int, lo: int, hi: int, seed: int, shuffle: bool,
-               verify: bool, skip_bad: bool, counter, block_rows: int):
+               verify: bool, skip_bad: bool, counter, block_rows: int, drop: int = 0):
+    """Shard `index`'s rows [lo, hi) in epoch `epoch`'s order, the first `drop` of them left out."""
     import pyarrow as pa
 
     shard = manifest.split(split).shards[index]
@@ -251,7 +260,7 @@ def _read_task(manifest: Manifest, split: str, index: int, epoch: int, lo: int, 
         return
     rows = np.arange(table.num_rows)
     rows = rows[row_order(len(rows), seed, epoch, index, shuffle)]
-    rows = rows[(rows >= lo) & (rows < hi)]
+    rows = rows[(rows >= lo) & (rows < hi)][drop:]
     uri = manifest.shard_uri(shard)
     for start in range(0, len(rows), block_rows):  # one small copy per block, never the whole shard
         block = table.take(pa.array(rows[start:start + block_rows], type=pa.int64()))
@@ -327,14 +336,15 @@ def _datasource(**kwargs):
     return cls(**kwargs)
 
 
-def train_dataset(data: DataSection, *, seed: int = 0, start_epoch: int = 0, num_epochs: int = 1,
+def train_dataset(data: DataSection, *, seed: int = 0, start_epoch: int = 0, num_epochs: int = 1, skip: int = 0,
                   split: str = "train", verify: bool = True, skip_counter: SkipCounter | None = None,
                   manifest: Manifest | None = None, block_rows: int | None = None,
                   num_cpus: float = 1.0) -> ray.data.Dataset:
-    """A Ray Dataset of augmented crops for TorchTrainer(datasets={'train': ...}); see the module doc.
+    """A Ray Dataset of augmented crops for training; see the module doc.
 
     Columns: key (str), image float32 [3, H, W] normalised, label uint8 [H, W] (H x W = crop_size).
-    Epochs start_epoch .. start_epoch + num_epochs - 1, each reshuffled and re-augmented.
+    Epochs start_epoch .. start_epoch + num_epochs - 1, each reshuffled and re-augmented; the first `skip`
+    samples of start_epoch's order left out (a resumed stream: `stream_position`).
     """
     import ray.data
 
@@ -343,7 +353,7 @@ def train_dataset(data: DataSection, *, seed: int = 0, start_epoch: int = 0, num
     source = _datasource(manifest=manifest, split=split, epochs=list(range(start_epoch, start_epoch + num_epochs)),
                          seed=seed, shuffle=True, rank=0, world_size=1, verify=verify,
                          skip_bad=data.skip_bad_samples, counter=skip_counter,
-                         block_rows=block_rows or block_rows_for(manifest, split))
+                         block_rows=block_rows or block_rows_for(manifest, split), skip=skip)
     # Reading is I/O: a quarter CPU, so that it neither fuses with nor starves the decode tasks. One
     # output block count per read task keeps Ray from splitting blocks into one-row map tasks.
     ds = ray.data.read_datasource(source, num_cpus=0.25, override_num_blocks=source.num_tasks())

@@ -63,8 +63,15 @@ def epochs_for(iters: int, global_batch: int, manifest: Manifest, split: str = "
 
 
 def epoch_at(iteration: int, global_batch: int, manifest: Manifest, split: str = "train") -> int:
-    """The epoch that iteration `iteration` falls in (where a resumed stream restarts)."""
-    return (iteration * global_batch) // max(1, manifest.split(split).num_samples)
+    """The epoch that iteration `iteration` falls in."""
+    return stream_position(iteration, global_batch, manifest, split)[0]
+
+
+def stream_position(iteration: int, global_batch: int, manifest: Manifest, split: str = "train") -> tuple[int, int]:
+    """Where the training stream stands after `iteration` iterations: (epoch, samples of that epoch's order
+    already consumed). A resumed stream starts there, so that it goes on with the samples the uninterrupted
+    run would have read next (exactly so without bad samples skipped: those are not counted)."""
+    return divmod(iteration * global_batch, max(1, manifest.split(split).num_samples))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-p
 READY_LINE = "Ray runtime started"
 # The variable a multi-node job's tasks read the cluster's auth token from (the launcher exports it to sbatch).
 TOKEN_VAR = "OCR_CLUSTER_RAY_TOKEN"
+# A head needs ~10 s on an idle node, but minutes on one busy with other cells' data loading (seen at a
+# load of 30-60 on 2 cores); a cell that gives up too early fails for good.
+START_TIMEOUT_S = float(os.environ.get("OCR_CLUSTER_RAY_START_TIMEOUT_S", "600"))
 
 
 class RayHeadError(RuntimeError):
@@ -71,8 +74,9 @@ class RayHead:
     proc: subprocess.Popen | None = None
     role: str = "private Ray head"
 
-    def wait_ready(self, timeout: float = 120.0) -> RayHead:
+    def wait_ready(self, timeout: float | None = None) -> RayHead:
         """Wait until `ray start` says the head is up; RayHeadError (and the head stopped) otherwise."""
+        timeout = START_TIMEOUT_S if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
             if self.log is not None and READY_LINE in self.log.read_text(errors="ignore"):
@@ -183,7 +187,7 @@ def spawn_node(head_address: str, node_ip: str, token: str, num_cpus: int, num_g
                    role=f"Ray node {node_ip}")
 
 
-def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float = 120.0,
+def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float | None = None,
                base_env: dict[str, str] | None = None) -> RayHead:
     """spawn_head, then wait until the head is up."""
     return spawn_head(num_cpus, num_gpus, object_store_mb, base_env).wait_ready(timeout)

@@ -278,15 +278,12 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ocr_cluster.data.pipeline import epoch_at, epochs_for, train_dataset
     from ocr_cluster.train.input_errors import StopOnInputError
     from ocr_cluster.train.loop import train_fn_per_worker
     from ocr_cluster.train.results import attempt_launch
 
-    start_epoch = epoch_at(start.start_iter, cfg.data.batch_size, start.manifest)
-    dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=start_epoch, manifest=start.manifest,
-                            num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, start.manifest,
-                                                  start_epoch=start_epoch), skip_counter=skip_counter)
+    # No datasets here: the workers build the training stream from the checkpoint they resume from
+    # (Trainer._train_stream), also when Ray Train restarts them inside this fit().
     # Ray composes <storage_path>/<name>: the layout's run_uri.
     storage_fs, storage_path = storage.arrow_filesystem(cfg.storage.checkpoint_uri)
     resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}
@@ -294,7 +291,6 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None):
         train_fn_per_worker,
         train_loop_config={"config_yaml": cfg.to_yaml(), "skip_counter": skip_counter,
                            "launch": attempt_launch(cfg)},
-        datasets={"train": dataset},
         # cluster.num_workers as given: 0 is Ray's local mode (one worker, the layout's world of 1).
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                                resources_per_worker=resources,

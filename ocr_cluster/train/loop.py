@@ -18,10 +18,12 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
+from ray.train.collective import broadcast_from_rank_zero
 import torch
 
 from ocr_cluster import config as config_mod, logs
-from ocr_cluster.data.pipeline import Stats, iter_eval, open_dataset, torch_batches
+from ocr_cluster.data.pipeline import (Stats, epochs_for, iter_eval, open_dataset, stream_position, torch_batches,
+                                       train_dataset)
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
 from ocr_cluster.train import checkpoint
@@ -33,6 +35,7 @@ from ocr_cluster.train.losses import segmentation_loss
 from ocr_cluster.train.metrics import IoUMetric
 from ocr_cluster.train.progress import Progress, say
 from ocr_cluster.train.schedule import build_optimizer, set_lr
+from ocr_cluster.train.trace import StepTrace
 
 
 def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None) -> torch.dtype | None:
@@ -75,17 +78,17 @@ def intervals(cfg: config_mod.Config) -> tuple[int, int]:
 
 def worker_seed(seed: int, rank: int, resumed_at: int | None = None) -> int:
     """A rank's torch seed for training. From scratch: seed + rank, so dropout differs per rank as in mmseg.
-    Resumed at an iteration: a fresh stream per rank and resume point (rank 0 restores its saved RNG state
-    instead)."""
+    Resumed at an iteration from a checkpoint without this rank's RNG state (another world size): a fresh
+    stream per rank and resume point."""
     if resumed_at is None:
         return seed + rank
     return seed * 1000003 + rank * 7919 + resumed_at
 
 
 def reseed_resumed(seed: int, rank: int, start_iter: int, cpu_restored: bool) -> None:
-    """After a resume, a fresh stream per rank and resume point, so that no rank replays the dropout masks of
-    the iterations it trained already. Rank 0 has restored its CPU generators from the checkpoint
-    (cpu_restored); the CUDA generators are not checkpointed, so they are reseeded on every rank."""
+    """After a resume from a checkpoint that lacks this rank's RNG states (or its CUDA ones), a fresh stream
+    per rank and resume point, so that no rank replays the dropout masks of the iterations it trained
+    already. With cpu_restored only the CUDA generators are reseeded."""
     value = worker_seed(seed, rank, resumed_at=start_iter)
     if not cpu_restored:
         torch.manual_seed(value)  # the CPU generator and every CUDA device's
@@ -145,6 +148,15 @@ def run_evaluation(model, cfg, manifest, rank, world, device, dtype, ms_flip=Fal
     return {**metric.compute(), "skipped": skipped}
 
 
+def _gather(value, world: int) -> list:
+    """`value` of every rank, in rank order (a collective: every rank calls it)."""
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 def train_fn_per_worker(loop_config: dict) -> None:
     logs.train_worker()
     with bad_input_ends_the_run():  # a retry would meet the same bad sample or weights again
@@ -191,7 +203,8 @@ class Trainer:
             else None
         self.ohem = (cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept) if cfg.loss.ohem else None
         self.ckpt_every, self.eval_every = intervals(cfg)
-        self.batches = torch_batches(ray.train.get_dataset_shard("train"), layout.micro_batch, device=self.device)
+        self.batches = torch_batches(self._train_stream(), layout.micro_batch, device=self.device)
+        self.trace = StepTrace(self.rank)
         self.progress = Progress(cfg, layout, self.start_iter, self.rank, images_per_iter=cfg.data.batch_size)
         self.meta = {"run_id": layout.run_id, "backbone": cfg.model.backbone, "head": cfg.model.head,
                      "num_classes": self.manifest.num_classes, "align_corners": cfg.model.align_corners,
@@ -215,14 +228,37 @@ class Trainer:
         return model
 
     def _resume(self, resume: ray.train.Checkpoint) -> int:
-        """Model, optimizer, scaler (and rank 0's RNG state) from the checkpoint; the iteration to continue at."""
+        """Model, optimizer, scaler and this rank's RNG states from the checkpoint; the iteration to continue at."""
         with resume.as_directory() as directory:
-            start_iter, self.resumed_clock = checkpoint.load(directory, self.model, self.optimizer, self.scaler,
-                                                             restore_rng=self.rank == 0)
-        reseed_resumed(self.cfg.run.seed, self.rank, start_iter, cpu_restored=self.rank == 0)
+            start_iter, self.resumed_clock, rng = checkpoint.load(directory, self.model, self.optimizer,
+                                                                  self.scaler, rank=self.rank, world=self.world)
+        if rng is None or (torch.cuda.is_available() and rng.get("cuda") is None):
+            reseed_resumed(self.cfg.run.seed, self.rank, start_iter, cpu_restored=rng is not None)
         if self.rank == 0:
             say(f"[{self.layout.run_id}] resumed from the checkpoint at iteration {start_iter}")
         return start_iter
+
+    def _train_stream(self):
+        """This worker's share of the training stream, from where this attempt starts: the position the
+        checkpoint it resumed from left the stream at (stream_position), or the start. Rank 0 builds the
+        stream and splits it as Ray Train's DataConfig would (streaming_split, equal shares, locality); the
+        ranks get their splits through Ray Train's broadcast. Built here, not by the driver: when Ray Train
+        restarts the worker group inside one fit(), a dataset the driver built would start again where that
+        fit() started."""
+        cfg, manifest = self.cfg, self.manifest
+        nodes = _gather(ray.get_runtime_context().get_node_id(), self.world)
+        splits = None
+        if self.rank == 0:
+            epoch, skip = stream_position(self.start_iter, cfg.data.batch_size, manifest)
+            dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=epoch, skip=skip, manifest=manifest,
+                                    num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, manifest,
+                                                          start_epoch=epoch), skip_counter=self.skip_counter)
+            if cfg.data.preserve_order:
+                dataset.context.execution_options.preserve_order = True
+            if self.world == 1:
+                return dataset
+            splits = dataset.streaming_split(self.world, equal=True, locality_hints=nodes)
+        return broadcast_from_rank_zero(splits)[self.rank]
 
     def start(self) -> RunClock:
         """Training mode, peak-memory counter reset; returns the run's clock, started for this attempt."""
@@ -259,9 +295,11 @@ class Trainer:
                                                 align_corners=cfg.model.align_corners, ohem=self.ohem)
             self.scaler.scale(loss / accum).backward()
             self.progress.add_loss(loss.detach(), parts, accum)
+            self.trace.batch(batch, loss, accum)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.trace.step(it + 1, lr)
         return lr  # no finite check here: it would wait for the GPU; Progress.synced() checks where it reports
 
     def after_step(self, done: int, lr: float) -> None:
@@ -279,7 +317,7 @@ class Trainer:
         if due_ckpt:
             self.progress.upload()  # first: a killed attempt keeps the events up to its last checkpoint
             report(self.model, self.optimizer, self.scaler, done, metrics, self.meta, self.rank,
-                   clock=self.clock.state())
+                   clock=self.clock.state(), world=self.world)
 
     def evaluate(self, ms_flip: bool = False) -> dict:
         self.memory.note()  # training's peak so far; the evaluation's own is not counted
@@ -320,12 +358,14 @@ class Trainer:
 
 
 def report(model, optimizer, scaler, done: int, metrics: dict, meta: dict, rank: int,
-           clock: dict | None = None) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint, uploaded before this returns."""
+           clock: dict | None = None, world: int = 1) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint, with every rank's RNG states, uploaded
+    before this returns."""
     directory = None
+    rng = _gather(checkpoint.rng_state(), world)
     if rank == 0:
         directory = Path(tempfile.mkdtemp(prefix="ocr_ckpt_"))
-        checkpoint.save(directory, model, optimizer, done, meta, scaler, clock=clock)
+        checkpoint.save(directory, model, optimizer, done, meta, scaler, clock=clock, rng=rng)
     try:
         ckpt = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir(done))
