@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_sweep.py --launch 100           # `sweep launch` of a 100-cell grid
     .venv/bin/python benchmarks/bench_sweep.py --overhead --repeats 3 # task start -> first step, vs ray job submit
     .venv/bin/python benchmarks/bench_sweep.py --overhead --ways ray,tune --repeats 3   # Tune trial vs ray job submit
+    .venv/bin/python benchmarks/bench_sweep.py --multinode --repeats 2 # a nodes: 2 cell: start -> joined -> step
 
 --plan      wall time of `ocr-cluster sweep plan` as a fresh process on the grid of sweeps/ with the most
             runs, with --no-store and with an empty local store (median of --repeats).
@@ -22,6 +23,9 @@
                      the trial) -> first "iter" line, from the job's log polled every 200 ms.
             --ways picks which (default slurm,ray).
             Each run is stopped (sweep cancel / ray job stop) once its first iteration is logged.
+--multinode the same tiny cell with backend.slurm.nodes 2 (2 CPU workers, one per node) on the two-node
+            test SLURM: submit -> job start (task 0's first log line) -> head up -> all nodes joined ->
+            first "iter" line, from the task logs polled every 50 ms; cancelled after the first iteration.
 
 SLURM and Ray come from scripts/services.py, started here and stopped by PID; with SLURM_CONF already set
 the benchmark uses that SLURM instead. Everything else lives in a temp dir, removed at the end.
@@ -96,9 +100,10 @@ def slurm_env(stack: list) -> dict[str, str]:
     return {**os.environ, **service.env}
 
 
-def write_grid(path: Path, name: str, base: str, sets: dict, axes: dict | None = None, seeds=None) -> Path:
+def write_grid(path: Path, name: str, base: str, sets: dict, axes: dict | None = None, seeds=None,
+               nodes: int = 0) -> Path:
     body: dict = {"name": name, "base": base, "set": sets,
-                  "backend": {"slurm": {"gpus_per_node": 0, "time": "10:00"}}}
+                  "backend": {"slurm": {"gpus_per_node": 0, "time": "10:00", "nodes": nodes}}}
     if axes:
         body["axes"] = axes
     if seeds is not None:
@@ -162,6 +167,50 @@ def slurm_once(tmp: Path, data: Path, seed: int, env: dict) -> dict:
         return {"submit_to_start": started - start, "start_to_iter": first - started, "submit_to_iter": first - start}
     finally:
         run([*CLI, "sweep", "cancel", str(grid)], env=env, check=False)
+
+
+def multinode_once(tmp: Path, data: Path, seed: int, env: dict) -> dict:
+    grid = write_grid(tmp / f"multi_{seed}.yaml", f"bench_multi_{os.getpid()}_{seed}", str(REPO / "jobs/quickstart.yaml"),
+                      tiny_cell(tmp, data, seed), nodes=2)
+    folder = tmp / f"mfolder_{seed}"
+    start = time.perf_counter()
+    try:
+        run([*CLI, "sweep", "launch", str(grid), "--folder", str(folder)], env=env)
+
+        def lines() -> list[str]:
+            text = "".join(p.read_text(errors="replace") for p in folder.glob("*/*/*_0_log.*"))
+            return text.splitlines()
+
+        started = wait_for(lines, re.compile(r"Starting with JobEnvironment"), 600)
+        joined_re = re.compile(r"all 2 nodes joined the cell's Ray cluster \(([\d.]+)s after the head\)|submitit ERROR")
+        joined = wait_for(lines, joined_re, 600)
+        first = wait_for(lines, re.compile(ITER_LINE.pattern + r"|submitit ERROR"), 600)
+        after_head = [float(m.group(1)) for m in map(joined_re.search, lines()) if m and m.group(1)]
+        if None in (started, joined, first) or not after_head or not any(ITER_LINE.search(x) for x in lines()):
+            raise RuntimeError("no task start, join or iter line:\n" + "\n".join(lines()[-20:]))
+        head_up = joined - after_head[0]
+        return {"submit_to_start": started - start, "start_to_head_up": head_up - started,
+                "head_up_to_all_joined": after_head[0], "all_joined_to_iter": first - joined,
+                "start_to_iter": first - started}
+    finally:
+        run([*CLI, "sweep", "cancel", str(grid)], env=env, check=False)
+
+
+def bench_multinode(repeats: int, tmp: Path, env: dict) -> None:
+    data = tmp / "tiny_data"
+    if not data.exists():
+        run([*CLI, "data", "synth", str(data), "--num-train", "16", "--num-val", "4", "--size", "64x64"])
+    rows = []
+    for i in range(repeats):
+        try:
+            got = multinode_once(tmp, data, 2000 + i, env)
+        except RuntimeError as exc:
+            print(f"  multinode #{i + 1}: FAILED: {str(exc)[-1500:]}", flush=True)
+            continue
+        rows.append(got)
+        print(f"  multinode #{i + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items()), flush=True)
+    for key in rows[0] if rows else ():
+        print(f"multinode {key}: {spread([r[key] for r in rows])}", flush=True)
 
 
 def ray_once(tmp: Path, data: Path, seed: int, ray) -> dict:
@@ -277,11 +326,12 @@ def main() -> int:
     parser.add_argument("--plan", action="store_true")
     parser.add_argument("--launch", type=int, metavar="N", default=0)
     parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--multinode", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ways", default="slurm,ray", help="--overhead: comma-separated slurm, ray, tune")
     args = parser.parse_args()
-    if not (args.plan or args.launch or args.overhead):
-        parser.error("choose at least one of --plan, --launch N, --overhead")
+    if not (args.plan or args.launch or args.overhead or args.multinode):
+        parser.error("choose at least one of --plan, --launch N, --overhead, --multinode")
     os.environ.update(services.RAY_ENV)
     stack: list = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
@@ -290,12 +340,14 @@ def main() -> int:
         if args.plan:
             bench_plan(args.repeats, tmp)
         ways = tuple(args.ways.split(","))
-        if args.launch or args.overhead:
-            env = slurm_env(stack) if args.launch or "slurm" in ways else dict(os.environ)
+        if args.launch or args.overhead or args.multinode:
+            env = slurm_env(stack) if args.launch or args.multinode or "slurm" in ways else dict(os.environ)
             if args.launch:
                 bench_launch(args.launch, tmp, env)
             if args.overhead:
                 bench_overhead(args.repeats, tmp, env, stack, ways)
+            if args.multinode:
+                bench_multinode(args.repeats, tmp, env)
         machine()
     finally:
         for service in reversed(stack):

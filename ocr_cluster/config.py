@@ -45,8 +45,8 @@ class ConfigError(UserInputError):
     """Bad configuration input; the message is one line meant for the user."""
 
 
-def choice(default: str, choices: tuple[str, ...], doc: str = "") -> Any:
-    return field(default=default, metadata={"choices": choices, "doc": doc})
+def choice(default: str, choices: tuple[str, ...], doc: str = "", *, hashed: bool = True) -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc, "hashed": hashed})
 
 
 def opt(default: Any, doc: str = "", *, hashed: bool = True) -> Any:
@@ -175,6 +175,9 @@ class ClusterSection:
                       "auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs, "
                       "none on CPU")
     max_failures: int = opt(3, "worker-group restarts before the run fails for good", hashed=False)
+    placement_strategy: str = choice("PACK", ("PACK", "SPREAD", "STRICT_SPREAD"),
+                                     "how Ray Train places its workers on the nodes; the SLURM launcher sets "
+                                     "SPREAD for multi-node CPU cells", hashed=False)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Real local services for tests and CI: a Ray head, an S3 endpoint and a single-node SLURM cluster.
+"""Real local services for tests and CI: a Ray head, an S3 endpoint and a two-node SLURM cluster on this host.
 
 Each runs on 127.0.0.1 only, on free ports, with state in a short temporary directory, and is stopped
 by the PIDs this module started (never `ray stop`, which would kill every Ray on the machine).
@@ -228,13 +228,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 StateSaveLocation={state}/ctld
-SlurmdSpoolDir={state}/slurmd
+SlurmdSpoolDir={state}/slurmd/%n
 SlurmctldPidFile={state}/slurmctld.pid
-SlurmdPidFile={state}/slurmd.pid
+SlurmdPidFile={state}/slurmd.%n.pid
 SlurmctldLogFile={state}/slurmctld.log
-SlurmdLogFile={state}/slurmd.log
+SlurmdLogFile={state}/slurmd.%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -250,8 +249,9 @@ KillWait=5
 MinJobAge=300
 # A requeued job may start again once its step credential expires (default 120 s): 30 s keeps tests short.
 AuthInfo=cred_expire=30
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+# Both nodes are this host: each takes its configured share of the CPUs and memory, not what it detects.
+SlurmdParameters=config_overrides
+{nodes}PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -283,24 +283,44 @@ def _start_munge() -> int | None:
     return int(pidfile.read_text().strip()) if pidfile.exists() else None
 
 
+# The test cluster's nodes: two slurmd daemons on this host (Debian's slurmd is built for several per host),
+# each with its own loopback address, which multi-node cells give their Ray node (see SWEEPS.md §3).
+SLURM_NODES = (("n1", "127.0.0.2"), ("n2", "127.0.0.3"))
+
+
+def multiple_slurmd(run_env: dict[str, str]) -> bool:
+    """Whether this slurmd build runs several daemons per host (`scontrol show config`: MULTIPLE_SLURMD)."""
+    out = subprocess.run(["scontrol", "show", "config"], env=run_env, capture_output=True, text=True, timeout=30)
+    return any(line.split("=", 1)[0].strip() == "MULTIPLE_SLURMD" and line.split("=", 1)[1].strip() == "Yes"
+               for line in out.stdout.splitlines() if "=" in line)
+
+
 def start_slurm() -> Service:
+    """slurmctld and two slurmd nodes (n1, n2) on this host, one partition over both. The nodes split the
+    host's CPUs (at least one each) and most of its memory; each has a port of its own and its own
+    loopback address as NodeAddr."""
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "sinfo", "munged", "munge") if not shutil.which(b)
                and not Path(f"/usr/sbin/{b}").exists()]
     if missing:
         raise ServiceUnavailable(f"SLURM is not installed (missing {', '.join(missing)}); "
                                  "run `bash scripts/install_slurm.sh` as root")
     if os.geteuid() != 0:
-        raise ServiceUnavailable("the single-node SLURM cluster needs root (slurmd runs jobs as their user)")
+        raise ServiceUnavailable("the test SLURM cluster needs root (slurmd runs jobs as their user)")
     state = _short_tempdir("ocr_slurm_")
-    for sub in ("ctld", "slurmd"):
-        (state / sub).mkdir()
+    (state / "ctld").mkdir()
+    for name, _ in SLURM_NODES:
+        (state / "slurmd" / name).mkdir(parents=True)
     host = socket.gethostname().split(".")[0]
     mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                       if line.startswith("MemTotal")).split()[1])
     conf = state / "slurm.conf"
-    ctld_port, slurmd_port = free_ports(2)
-    conf.write_text(SLURM_CONF.format(host=host, ctld_port=ctld_port, slurmd_port=slurmd_port, state=state,
-                                      cpus=os.cpu_count(), mem_mb=int(mem_kb / 1024 * 0.85)))
+    ctld_port, *node_ports = free_ports(1 + len(SLURM_NODES))
+    cpus, mem_mb = max(1, (os.cpu_count() or 1) // len(SLURM_NODES)), int(mem_kb / 1024 * 0.85 / len(SLURM_NODES))
+    nodes = "".join(f"NodeName={name} NodeHostname={host} NodeAddr={addr} Port={port} CPUs={cpus} "
+                    f"RealMemory={mem_mb} State=UNKNOWN\n"
+                    for (name, addr), port in zip(SLURM_NODES, node_ports))
+    conf.write_text(SLURM_CONF.format(host=host, ctld_port=ctld_port, state=state, nodes=nodes,
+                                      node_list=",".join(name for name, _ in SLURM_NODES)))
     env = {"SLURM_CONF": str(conf)}
     run_env = {**os.environ, **env}
     service = Service("slurm", env, [], state, own_process_groups=False, marker=str(conf))
@@ -308,28 +328,33 @@ def start_slurm() -> Service:
         munged = _start_munge()
         if munged:
             service.pids.append(munged)
-        for daemon in ("slurmctld", "slurmd"):
-            result = subprocess.run([daemon, "-f", str(conf)], env=run_env, capture_output=True, text=True,
+        daemons = [("slurmctld", [], "slurmctld"), *(("slurmd", ["-N", name], f"slurmd.{name}")
+                                                     for name, _ in SLURM_NODES)]
+        for daemon, args, stem in daemons:
+            result = subprocess.run([daemon, "-f", str(conf), *args], env=run_env, capture_output=True, text=True,
                                     timeout=30)
+            log = state / f"{stem}.log"
             if result.returncode != 0:
-                log = state / f"{daemon}.log"
                 detail = (result.stderr or (log.read_text()[-1500:] if log.exists() else "")).strip()
-                raise ServiceUnavailable(f"{daemon} failed to start: {detail}")
-            pidfile = state / f"{daemon}.pid"
-            pid = _wait(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, f"{daemon} pid file",
-                        state / f"{daemon}.log")
+                raise ServiceUnavailable(f"{daemon} {' '.join(args)} failed to start: {detail}")
+            pidfile = state / f"{stem}.pid"
+            pid = _wait(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, f"{stem} pid file", log)
             service.pids.insert(0, int(pid))
+            if daemon == "slurmctld" and not multiple_slurmd(run_env):  # asks the controller
+                raise ServiceUnavailable("this slurmd is not built with multiple-slurmd support (scontrol show "
+                                         "config: MULTIPLE_SLURMD), so one host cannot run the two test nodes")
 
-        def node_idle() -> bool:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=run_env, capture_output=True, text=True,
+        def nodes_idle() -> bool:
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=run_env, capture_output=True, text=True,
                                  timeout=10).stdout.split()
-            return bool(out) and all(s.rstrip("*") in ("idle", "mixed", "allocated") for s in out)
+            return len(out) == len(SLURM_NODES) and all(s.rstrip("*") in ("idle", "mixed", "allocated") for s in out)
 
-        _wait(node_idle, 60, "SLURM node to become idle", state / "slurmctld.log")
+        _wait(nodes_idle, 60, "SLURM nodes to become idle", state / "slurmctld.log")
     except BaseException:
         service.stop()
         raise
-    service.info = {"partition": "debug", "conf": str(conf), "host": host}
+    service.info = {"partition": "debug", "conf": str(conf), "host": host,
+                    "nodes": ",".join(f"{name}={addr}" for name, addr in SLURM_NODES)}
     return service
 
 

@@ -6,7 +6,8 @@
   a job that needs them passes them in its runtime env.
 - `s3`: moto's S3 server on 127.0.0.1 with a bucket; the AWS variables point at it for the test, and
   `s3.url("name")` gives a fresh s3:// prefix.
-- `slurm`: a single-node SLURM cluster (slurmctld + slurmd + munge) with SLURM_CONF set for the test.
+- `slurm`: a two-node SLURM cluster on this host (slurmctld + slurmd n1, n2 on 127.0.0.2, 127.0.0.3 + munge)
+  with SLURM_CONF set for the test.
 - `bare_ray_node` (once per session): a second Ray head whose Python has every dependency but not this package,
   as a fresh cluster node, with S3 credentials of its own (planted, distinctive) in its environment.
 

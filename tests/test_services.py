@@ -65,3 +65,18 @@ def test_submitit_job_on_slurm_imports_the_package(slurm, tmp_path):
     assert report["executable"] == sys.executable
     squeue = subprocess.run(["squeue", "-h", "-j", str(job.job_id)], capture_output=True, text=True)
     assert squeue.returncode in (0, 1)  # the job is gone or finishing, never stuck
+
+
+@pytest.mark.slurm
+def test_slurm_has_two_nodes_on_their_own_loopback_addresses(slurm, tmp_path):
+    """Two slurmd (multiple-slurmd build) in one partition: a two-node step runs one task on each, and each
+    node's NodeAddr, as a multi-node cell resolves it, is a loopback address of its own."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    assert any(line.split("=")[0].strip() == "MULTIPLE_SLURMD" and line.split("=")[1].strip() == "Yes"
+               for line in config.splitlines() if "=" in line)
+    probe = ("from ocr_cluster.sweep.multinode import node_ip; import os; "
+             "print(os.environ['SLURM_PROCID'], os.environ['SLURMD_NODENAME'], node_ip())")
+    out = subprocess.run(["srun", "-N2", "-n2", "-p", slurm.partition, "-t", "2", sys.executable, "-c", probe],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split("\n")[:2]) == ["0 n1 127.0.0.2", "1 n2 127.0.0.3"], out.stdout

@@ -3,10 +3,11 @@
 A cell is submitted when the results store has no completed row for its run id (in any sweep: the
 run id hashes what is trained and the dataset's fingerprint, filled in from its manifest before the
 cell's config is sent, so the task, the driver and the rows share it) and no live job of an earlier
-launch (from the launch records, checked against squeue). Cells with the same resource shape share
-one array (`--array=0-N%P`, P = backend.slurm.array_parallelism); a grid whose cells need different GPU
-counts makes one array per count. Every task runs ocr_cluster.sweep.task.CellTask: a private Ray head
-and `python -m ocr_cluster.train` on the cell's config.
+launch (from the launch records, checked against squeue). Cells with the same resource shape (nodes, GPUs per node) share
+one array (`--array=0-N%P`, P = backend.slurm.array_parallelism); a grid whose cells need different
+shapes makes one array per shape. Every task runs ocr_cluster.sweep.task.CellTask: a private Ray head
+and `python -m ocr_cluster.train` on the cell's config; a cell over N nodes is one job of N tasks, whose
+other tasks join the head as Ray nodes.
 
 The submitit folder (scripts, pickles, logs; it must be on a filesystem the nodes share) is
 <folder>/<sweep>/launch-<UTC time>/, with <folder> = --folder or ./sweeps_runs.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from ocr_cluster import storage
 from ocr_cluster.config import Config
 from ocr_cluster.sweep import records, slurm
 from ocr_cluster.sweep.grid import Cell, Grid, SweepError, resolve
+from ocr_cluster.sweep.ray_head import TOKEN_VAR
 from ocr_cluster.sweep.status import COMPLETED, LIVE, UNREAD, CellStatus, cell_states, with_store
 
 DEFAULT_FOLDER = "sweeps_runs"
@@ -64,20 +68,46 @@ def prepare(grid: Grid, store: str | None, notes: list[str] | None = None) -> li
     return cells
 
 
-def gpus_of(cell: Cell, grid: Grid) -> int:
-    """GPUs the cell's one node needs; SweepError for a cell that needs more than one node."""
+@dataclass(frozen=True)
+class Shape:
+    """What one cell's SLURM job asks for: `nodes` nodes, one task each, `gpus` GPUs per node."""
+    nodes: int
+    gpus: int
+
+
+def shape_of(cell: Cell, grid: Grid) -> Shape:
+    """The cell's nodes and GPUs per node; SweepError (one line) when cluster.num_workers does not fit them.
+
+    A GPU cell has one Ray Train worker per GPU: over several nodes its num_workers must be exactly
+    nodes x gpus_per_node (nodes: 0 = as many full nodes as num_workers needs). A CPU cell's workers are
+    spread evenly over its nodes (num_workers a multiple of nodes)."""
     backend, cfg = grid.backend.slurm, cell.config
-    if backend.nodes > 1:
-        raise grid.error(f"backend.slurm.nodes: {backend.nodes}: multi-node cells are not supported by the "
-                         f"SLURM launcher yet; use nodes: 1 (or 0)")
+    workers, per_node = max(cfg.cluster.num_workers, 1), backend.gpus_per_node
     if not cfg.cluster.use_gpu:
-        return 0
-    workers = max(cfg.cluster.num_workers, 1)
-    if backend.gpus_per_node and workers > backend.gpus_per_node:
-        raise grid.error(f"cell {cell.name}: cluster.num_workers {workers} needs more than one node of "
-                         f"backend.slurm.gpus_per_node {backend.gpus_per_node}; multi-node cells are not "
-                         f"supported by the SLURM launcher yet")
-    return workers
+        nodes = max(backend.nodes, 1)
+        if workers % nodes:
+            raise grid.error(f"cell {cell.name}: cluster.num_workers {workers} does not spread evenly over "
+                             f"backend.slurm.nodes {nodes}; use a multiple of {nodes}")
+        return Shape(nodes, 0)
+    nodes = backend.nodes or (-(-workers // per_node) if per_node else 1)
+    if nodes == 1:
+        if per_node and workers > per_node:
+            raise grid.error(f"cell {cell.name}: cluster.num_workers {workers} needs more GPUs than one node's "
+                             f"backend.slurm.gpus_per_node {per_node}; set backend.slurm.nodes (or 0)")
+        return Shape(1, workers)
+    if not per_node or workers != nodes * per_node:
+        raise grid.error(f"cell {cell.name}: cluster.num_workers {workers} must be backend.slurm.nodes {nodes} x "
+                         f"gpus_per_node {per_node} = {nodes * per_node} (one Ray Train worker per GPU)")
+    return Shape(nodes, per_node)
+
+
+def cell_yaml(cell: Cell, shape: Shape) -> str:
+    """The config a task runs: a multi-node CPU cell spreads its workers over the nodes (Ray Train packs
+    them on the fewest nodes otherwise); not hashed, so the run id is unchanged."""
+    cfg = cell.config
+    if shape.nodes > 1 and not cfg.cluster.use_gpu and cfg.cluster.placement_strategy == "PACK":
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, placement_strategy="SPREAD"))
+    return cfg.to_yaml()
 
 
 def sbatch_extras(options: list[str]) -> dict[str, Any]:
@@ -89,8 +119,8 @@ def sbatch_extras(options: list[str]) -> dict[str, Any]:
     return out
 
 
-def parameters(grid: Grid, gpus: int, count: int) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters for an array of `count` cells needing `gpus` GPUs each."""
+def parameters(grid: Grid, shape: Shape, count: int) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters for an array of `count` cells of one shape (one task per node)."""
     backend = grid.backend.slurm
     extra = {"requeue": True}  # preemption and `scontrol requeue` put the task back in the queue
     if backend.account:
@@ -98,7 +128,7 @@ def parameters(grid: Grid, gpus: int, count: int) -> dict[str, Any]:
     if backend.mem:
         extra["mem"] = backend.mem
     extra.update(sbatch_extras(backend.sbatch))
-    params: dict[str, Any] = {"job_name": grid.name, "time": slurm.minutes(backend.time), "nodes": 1,
+    params: dict[str, Any] = {"job_name": grid.name, "time": slurm.minutes(backend.time), "nodes": shape.nodes,
                               "ntasks_per_node": 1, "array_parallelism": backend.array_parallelism or count,
                               "additional_parameters": extra}
     for key in ("partition", "qos"):
@@ -106,15 +136,15 @@ def parameters(grid: Grid, gpus: int, count: int) -> dict[str, Any]:
             params[key] = getattr(backend, key)
     if backend.cpus_per_task:
         params["cpus_per_task"] = backend.cpus_per_task
-    if gpus:
-        params["gpus_per_node"] = gpus
+    if shape.gpus:
+        params["gpus_per_node"] = shape.gpus
     return params
 
 
 def plan_launch(grid: Grid, store: str | None = None, check: bool = True) -> Launch:
     """Every cell's state and the cells to submit; SlurmError when SLURM cannot be used (if `check`)."""
     for cell in grid.cells():
-        gpus_of(cell, grid)
+        shape_of(cell, grid)
     if check:
         slurm.check_cluster(grid.backend.slurm.partition)
     resolving: list[str] = []
@@ -139,15 +169,18 @@ def submit(grid: Grid, launch: Launch, folder_root: str | Path | None = None) ->
 
     now = dt.datetime.now(dt.timezone.utc)
     launch.folder = (Path(folder_root or DEFAULT_FOLDER) / grid.name / f"launch-{now:%Y%m%dT%H%M%S%fZ}").absolute()
-    groups: dict[int, list[CellStatus]] = {}
+    groups: dict[Shape, list[CellStatus]] = {}
     for status in launch.todo:
-        groups.setdefault(gpus_of(status.cell, grid), []).append(status)
+        groups.setdefault(shape_of(status.cell, grid), []).append(status)
     submitted_params = []
-    for gpus, group in groups.items():
+    # The private Ray clusters' token: multi-node tasks read it from the environment sbatch passes on,
+    # never from a file (the head's address is in the submitit folder; the token must not be).
+    os.environ.setdefault(TOKEN_VAR, secrets.token_hex(32))
+    for shape, group in groups.items():
         executor = submitit.SlurmExecutor(folder=launch.folder)
-        params = parameters(grid, gpus, len(group))
+        params = parameters(grid, shape, len(group))
         executor.update_parameters(**params)
-        jobs = executor.map_array(CellTask(), [s.cell.config.to_yaml() for s in group])
+        jobs = executor.map_array(CellTask(), [cell_yaml(s.cell, shape) for s in group])
         for status, job in zip(group, jobs):
             launch.jobs[status.cell.run_id] = str(job.job_id)
         launch.arrays.append(str(jobs[0].job_id).split("_", 1)[0])

@@ -1,7 +1,9 @@
-"""A private Ray head for one SLURM allocation: its own ports, its own short temp dir, on 127.0.0.1.
+"""A private Ray cluster for one SLURM job: its own ports, its own short temp dir per node.
 
 Several cells (and other users' Ray) may share a node, so the head never joins another Ray instance
-and is stopped by its process group, never with `ray stop` (which kills every Ray on the machine).
+and every Ray process is stopped by its process group, never with `ray stop` (which kills every Ray on
+the machine). A one-node cell's head stays on 127.0.0.1; a multi-node cell's head listens on its node's
+address (`node_ip`) and the other nodes join it with `spawn_node`, each with explicit ports and temp dir.
 
     head = start_head(num_cpus=8)       # or spawn_head(...) then head.wait_ready(); RAY_ADDRESS: head.address
     ...
@@ -27,7 +29,12 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": 
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 PORT_FLAGS = ("port", "node-manager-port", "object-manager-port", "ray-client-server-port", "metrics-export-port",
               "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+# The ports a node joining a head opens (no GCS, client server or dashboard of its own).
+NODE_PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+                   "dashboard-agent-grpc-port", "runtime-env-agent-port")
 READY_LINE = "Ray runtime started"
+# The variable a multi-node job's tasks read the cluster's auth token from (the launcher exports it to sbatch).
+TOKEN_VAR = "OCR_CLUSTER_RAY_TOKEN"
 # A head needs ~10 s on an idle node, but minutes on one busy with other cells' data loading (seen at a
 # load of 30-60 on 2 cores); a cell that gives up too early fails for good.
 START_TIMEOUT_S = float(os.environ.get("OCR_CLUSTER_RAY_START_TIMEOUT_S", "600"))
@@ -37,12 +44,12 @@ class RayHeadError(RuntimeError):
     """The private head did not come up; the message holds the tail of its log."""
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports on 127.0.0.1 (each socket stays bound until all are picked)."""
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports on `host` (each socket stays bound until all are picked)."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for sock in socks:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
         return [sock.getsockname()[1] for sock in socks]
     finally:
         for sock in socks:
@@ -65,6 +72,7 @@ class RayHead:
     env: dict[str, str] = field(default_factory=dict)   # what a client of this head needs (auth token)
     log: Path | None = None
     proc: subprocess.Popen | None = None
+    role: str = "private Ray head"
 
     def wait_ready(self, timeout: float | None = None) -> RayHead:
         """Wait until `ray start` says the head is up; RayHeadError (and the head stopped) otherwise."""
@@ -78,7 +86,7 @@ class RayHead:
         code = self.proc.poll() if self.proc is not None else None
         state = f"exited with {code}" if code is not None else f"not up after {timeout:.0f}s"
         self.stop()
-        raise RayHeadError(f"the private Ray head {state}; log tail:\n{tail}")
+        raise RayHeadError(f"the {self.role} {state}; log tail:\n{tail}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the head's process group, SIGKILL what is left after `timeout`, remove its temp dir."""
@@ -114,30 +122,69 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def cluster_env(node_ip: str, token: str) -> dict[str, str]:
+    """What every process of a private cluster (and a client of it) needs: token auth with the cluster's
+    own token and, for a cluster on a non-loopback-only address, Ray's multi-node mode. Ray refuses
+    `ray start --address` with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; with 1 it rewrites 127.0.0.1 (never
+    other addresses) into the host's interface IP, so multi-node cells never use 127.0.0.1."""
+    multi = node_ip != "127.0.0.1"
+    return {**RAY_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multi else "0", "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token}
+
+
+def _launch(cmd: list[str], temp_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = temp_dir / "ray_start.log"
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _resource_flags(num_cpus: int, num_gpus: int | None, object_store_mb: int) -> list[str]:
+    flags = [f"--num-cpus={num_cpus}"]
+    if num_gpus is not None:
+        flags.append(f"--num-gpus={num_gpus}")
+    if object_store_mb:
+        flags.append(f"--object-store-memory={object_store_mb * 1024**2}")
+    return flags
+
+
 def spawn_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0,
-               base_env: dict[str, str] | None = None) -> RayHead:
-    """Start `ray start --head --block` in its own session; `wait_ready()` waits until it is up."""
+               base_env: dict[str, str] | None = None, node_ip: str = "127.0.0.1",
+               token: str | None = None) -> RayHead:
+    """Start `ray start --head --block` in its own session; `wait_ready()` waits until it is up. `node_ip`
+    other than 127.0.0.1: a head other nodes can join (spawn_node), with `token` as the cluster's."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ocrs_", dir="/tmp"))  # unix socket paths must stay < 107 bytes
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS), node_ip)))
     # A token of its own: Ray turns token auth on by itself once ~/.ray/auth_token exists.
-    client_env = {**RAY_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    address = f"127.0.0.1:{ports['port']}"
+    client_env = cluster_env(node_ip, token or secrets.token_hex(32))
+    address = f"{node_ip}:{ports['port']}"
     # RAY_ADDRESS for the head's own processes too: Ray Train's actors use the state API, which would
     # otherwise find several Ray instances on a shared node and refuse to pick one.
     env = {**(base_env if base_env is not None else os.environ), **client_env, "RAY_ADDRESS": address}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
-    cmd = [ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+    cmd = [ray_executable(), "start", "--head", "--block", f"--node-ip-address={node_ip}",
            *(f"--{flag}={port}" for flag, port in ports.items()), "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats"]
-    if num_gpus is not None:
-        cmd.append(f"--num-gpus={num_gpus}")
-    if object_store_mb:
-        cmd.append(f"--object-store-memory={object_store_mb * 1024**2}")
-    log = temp_dir / "ray_start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return RayHead(proc.pid, address, temp_dir, client_env, log, proc)
+           f"--dashboard-host={node_ip}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+           *_resource_flags(num_cpus, num_gpus, object_store_mb)]
+    proc = _launch(cmd, temp_dir, env)
+    return RayHead(proc.pid, address, temp_dir, client_env, temp_dir / "ray_start.log", proc)
+
+
+def spawn_node(head_address: str, node_ip: str, token: str, num_cpus: int, num_gpus: int | None = None,
+               object_store_mb: int = 0, base_env: dict[str, str] | None = None) -> RayHead:
+    """Join the head at `head_address` from this node (`ray start --address --block` in its own session,
+    on `node_ip`, with explicit ports and temp dir); `wait_ready()` waits until it has joined. The
+    returned RayHead's address is the head's."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ocrn_", dir="/tmp"))
+    ports = dict(zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS), node_ip)))
+    client_env = cluster_env(node_ip, token)
+    env = {**(base_env if base_env is not None else os.environ), **client_env, "RAY_ADDRESS": head_address}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    cmd = [ray_executable(), "start", f"--address={head_address}", "--block", f"--node-ip-address={node_ip}",
+           *(f"--{flag}={port}" for flag, port in ports.items()), f"--temp-dir={temp_dir}",
+           "--disable-usage-stats", *_resource_flags(num_cpus, num_gpus, object_store_mb)]
+    proc = _launch(cmd, temp_dir, env)
+    return RayHead(proc.pid, head_address, temp_dir, client_env, temp_dir / "ray_start.log", proc,
+                   role=f"Ray node {node_ip}")
 
 
 def start_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int = 0, timeout: float | None = None,

@@ -123,7 +123,7 @@ def follow(grid, cells, interval: float, only: set[str] | None = None) -> list[C
 def cmd_launch(args: argparse.Namespace) -> int:
     from ocr_cluster.sweep import slurm
     from ocr_cluster.sweep.grid import load
-    from ocr_cluster.sweep.launch import parameters, plan_launch, prepare, submit
+    from ocr_cluster.sweep.launch import parameters, plan_launch, prepare, shape_of, submit
 
     grid = load(args.grid)
     if (args.backend or grid.backend.default) == "ray":
@@ -146,9 +146,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
               f"{len(launch.statuses)} cells)")
         return 0
     if args.dry_run:
+        shapes: dict = {}
+        for s in launch.todo:
+            shape = shape_of(s.cell, grid)
+            shapes[shape] = shapes.get(shape, 0) + 1
+        sbatch = "; ".join(json.dumps(parameters(grid, shape, count)) for shape, count in shapes.items())
         print(f"sweep {grid.name}: would submit {len(launch.todo)} of {len(launch.statuses)} cells as a SLURM job "
-              f"array ({done} completed, {live} queued or running); sbatch parameters: "
-              f"{json.dumps(parameters(grid, 0, len(launch.todo)))}")
+              f"array ({done} completed, {live} queued or running); sbatch parameters: {sbatch}")
         for s in launch.todo:
             print(f"  {s.cell.name}  {s.cell.run_id}  ({s.state}{': ' + s.detail if s.detail else ''})")
         return 0

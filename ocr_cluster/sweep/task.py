@@ -2,7 +2,9 @@
 
 The task starts a private Ray head for its allocation (ocr_cluster.sweep.ray_head), runs the training
 entry `python -m ocr_cluster.train CELL.yaml` with RAY_ADDRESS set to that head, and stops the head by
-its process group at the end, on failure and on signals. Training, resume and the result rows are the
+its process group at the end, on failure and on signals. A cell over several nodes is one job with one
+task per node: task 0 does the above on its node's address once the others joined its head as Ray nodes
+(ocr_cluster.sweep.multinode); they stay until it is done. Training, resume and the result rows are the
 driver's: this shim only supplies the cluster and the bookkeeping around it.
 
 Preemption and time limits: the task is submitit-checkpointable. On SLURM's --signal (USR2) submitit
@@ -46,10 +48,11 @@ def _job_id() -> str:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
 
 
-def _cpus(cfg) -> int:
-    """Logical CPUs for the head: the allocation's, and at least the workers' plus two for Ray Data."""
+def _cpus(cfg, nodes: int = 1) -> int:
+    """Logical CPUs for one node's Ray: the allocation's, and at least its share of the workers' plus two
+    for Ray Data."""
     allocated = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-    workers = max(cfg.cluster.num_workers, 1) * cfg.cluster.cpus_per_worker
+    workers = -(-max(cfg.cluster.num_workers, 1) // nodes) * cfg.cluster.cpus_per_worker
     return max(allocated, int(workers) + 2)
 
 
@@ -104,12 +107,39 @@ def _write_failed(cfg, error: str, before: int | None) -> None:
               file=sys.stderr, flush=True)
 
 
+# Ray's own limit for a raylet to register is 30 s, which an overloaded node can miss: start again then.
+HEAD_STARTS = 3
+SLOW_START = "timed out during startup"
+
+
+def _start_head(cfg, nodes: int, base_env: dict[str, str], stopped: threading.Event):
+    """The cell's private head, registered so that signals stop it: on 127.0.0.1 for one node, else on
+    this node's address with the launch's token (multinode). Started again (new ports, new temp dir)
+    when Ray gave up waiting for its own raylet."""
+    from ocr_cluster.sweep import multinode
+    from ocr_cluster.sweep.ray_head import RayHeadError, spawn_head
+
+    where = {"node_ip": multinode.node_ip(), "token": multinode.token()} if nodes > 1 else {}
+    for start in range(1, HEAD_STARTS + 1):
+        head = _RUNNING["head"] = spawn_head(_cpus(cfg, nodes), base_env=base_env, **where)
+        print(f"private Ray head {head.address}, temp dir {head.temp_dir}", flush=True)
+        try:
+            return head.wait_ready()
+        except RayHeadError as exc:
+            if SLOW_START not in str(exc) or start == HEAD_STARTS or stopped.is_set():
+                raise
+            print(f"the private Ray head did not come up in time ({start}/{HEAD_STARTS}); starting it again",
+                  flush=True)
+    raise AssertionError("unreachable")
+
+
 class CellTask(submitit.helpers.Checkpointable):
     """The callable of every array task: `CellTask()(config_yaml)`."""
 
     def __call__(self, config_yaml: str) -> dict[str, Any]:
         from ocr_cluster import config
-        from ocr_cluster.sweep.ray_head import spawn_head
+        from ocr_cluster.sweep import multinode
+        from ocr_cluster.sweep.ray_head import TOKEN_VAR
 
         job_id = _job_id()
         cell_file = Path(os.environ.get("SUBMITIT_FOLDER", ".")) / f"{job_id}_cell.yaml"
@@ -132,6 +162,14 @@ class CellTask(submitit.helpers.Checkpointable):
         os.environ.update({"OCR_CLUSTER_LAUNCHER": "slurm", "OCR_CLUSTER_JOB_ID": job_id,
                            "OCR_CLUSTER_RESTART_COUNT": restarts})
         base_env = dict(os.environ)
+        nodes = multinode.num_nodes()
+        rdv = multinode.Rendezvous(Path(os.environ.get("SUBMITIT_FOLDER", ".")), job_id, restarts, nodes)
+        if nodes > 1 and multinode.rank() > 0:
+            try:
+                return self._join(cfg, rdv, base_env, stopped)
+            finally:
+                _stop_running()
+                signal.signal(signal.SIGTERM, previous)
         before = None
         tail: deque = deque(maxlen=200)
         try:
@@ -140,21 +178,26 @@ class CellTask(submitit.helpers.Checkpointable):
             except Exception:  # noqa: BLE001 - the driver's preflight names what is wrong with the store
                 pass
             try:
-                head = _RUNNING["head"] = spawn_head(_cpus(cfg), base_env=base_env)  # registered: stopped on signals
-                print(f"private Ray head {head.address}, temp dir {head.temp_dir}", flush=True)
-                head.wait_ready()
+                head = _start_head(cfg, nodes, base_env, stopped)
+                if nodes > 1:
+                    rdv.publish_head(head.address)
+                    waited = rdv.wait_joined(stopped)
+                    print(f"all {nodes} nodes joined the cell's Ray cluster ({waited:.1f}s after the head)", flush=True)
             except Exception as exc:  # noqa: BLE001
                 if stopped.is_set():
                     raise CellInterrupted(f"stopped while starting Ray: {exc}") from None
                 # The whole message (with Ray's log tail) goes to the task log, whose temp dir is gone;
                 # the row gets one line: what happened and the log's last line.
-                print(f"could not start the cell's Ray head: {exc}", file=sys.stderr, flush=True)
+                print(f"could not start the cell's Ray cluster: {exc}", file=sys.stderr, flush=True)
                 lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 what = lines[0].removesuffix("; log tail:") if lines else type(exc).__name__
                 error = f"could not start the cell's Ray head: {what}" + (f" ({lines[-1]})" if len(lines) > 1 else "")
+                if isinstance(exc, multinode.RendezvousError):
+                    error = f"the cell's Ray cluster did not form: {what}"
                 _write_failed(cfg, error, before)
                 raise CellFailed(error) from None
             env = {**base_env, **head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1"}
+            env.pop(TOKEN_VAR, None)  # the driver has RAY_AUTH_TOKEN; nothing it starts needs the launch's
             cmd = [sys.executable, "-m", "ocr_cluster.train", str(cell_file)]
             driver = _RUNNING["driver"] = subprocess.Popen(cmd, env=env, stdout=None, stderr=subprocess.PIPE,
                                                            text=True, start_new_session=True)
@@ -173,7 +216,34 @@ class CellTask(submitit.helpers.Checkpointable):
             raise CellFailed(error)
         finally:
             _stop_running()
+            if nodes > 1:
+                rdv.mark_done()  # the other nodes stop their Ray and end
             signal.signal(signal.SIGTERM, previous)
+
+    def _join(self, cfg, rdv, base_env: dict[str, str], stopped: threading.Event) -> dict[str, Any]:
+        """A multi-node cell's task on another node: its Ray joins the head until task 0 is done."""
+        from ocr_cluster.sweep import multinode
+
+        def register(node) -> None:
+            if node is None:
+                _RUNNING.pop("head", None)
+            else:
+                _RUNNING["head"] = node
+
+        node_rank = multinode.rank()
+        try:
+            rejoins = multinode.join_until_done(rdv, node_rank, _cpus(cfg, rdv.nodes), None, base_env, stopped,
+                                                register)
+        except multinode.RendezvousError as exc:
+            if stopped.is_set():
+                raise CellInterrupted(str(exc)) from None
+            print(f"node task {node_rank}: {exc}", file=sys.stderr, flush=True)
+            raise CellFailed(str(exc)) from None
+        if stopped.is_set():
+            raise CellInterrupted(f"node task {node_rank} was stopped; SLURM requeues or ends the job")
+        print(f"node task {node_rank} done ({rejoins} rejoin(s))", flush=True)
+        return {"run_id": cfg.run_id, "name": cfg.run.name, "node_rank": node_rank, "rejoins": rejoins,
+                "status": "joined"}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Preempted or at the time limit: stop this attempt cleanly and requeue the same call (the

@@ -294,7 +294,8 @@ def build_trainer(cfg: Config, start: RunStart, skip_counter=None, callbacks=())
                            "launch": attempt_launch(cfg)},
         # cluster.num_workers as given: 0 is Ray's local mode (one worker, the layout's world of 1).
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.cluster.placement_strategy),
         run_config=ray.train.RunConfig(
             name=start.layout.run_id, storage_path=storage_path,
             storage_filesystem=storage_fs if storage.is_remote(cfg.storage.checkpoint_uri) else None,
