@@ -2,11 +2,12 @@
 like the job config (ocr_cluster.config): unknown keys and wrong types fail with one line naming the key.
 
     backend:
-      default: slurm                        # what `sweep launch` uses without --backend: slurm | ray
+      default: slurm                        # what `sweep launch` uses without --backend: slurm | ray | slurm-ray
       slurm: {partition: gpu, gpus_per_node: 8, time: "2-00:00:00", array_parallelism: 16}
       ray: {address: "http://head:8265", max_concurrent_trials: 4}
 
-The SLURM launcher (submitit job arrays) and the Ray Tune backend (ocr_cluster.sweep.tune) read these;
+The SLURM launcher (submitit job arrays), the Ray Tune backend (ocr_cluster.sweep.tune) and Tune inside
+one SLURM allocation (ocr_cluster.sweep.allocation: backend.slurm sizes it, backend.ray runs it) read these;
 a backend a grid does not name keeps its defaults, so one file runs on either. Add fields here, with
 defaults that keep old grid files valid.
 """
@@ -51,12 +52,13 @@ class RayBackend:
 
 @dataclass
 class Backend:
-    default: str = opt("slurm", "backend of `sweep launch` without --backend: slurm or ray")
+    default: str = opt("slurm", "backend of `sweep launch` without --backend: slurm (a job per cell), ray (Tune on "
+                                "a Ray cluster) or slurm-ray (Tune on a Ray cluster inside one SLURM allocation)")
     slurm: SlurmBackend = field(default_factory=SlurmBackend)
     ray: RayBackend = field(default_factory=RayBackend)
 
 
-BACKENDS = ("slurm", "ray")
+BACKENDS = ("slurm", "ray", "slurm-ray")
 
 
 def _check(backend: Backend) -> None:

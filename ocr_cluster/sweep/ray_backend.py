@@ -92,27 +92,36 @@ def submission_id(sweep: str, stamp: str) -> str:
     return f"ocr-sweep-{re.sub(r'[^A-Za-z0-9_-]+', '-', sweep)[:60]}-{stamp}"
 
 
-def submit(grid, todo_cells, address: str, *, with_secrets: bool = False) -> tuple[str, str, str]:
-    """Write the cells file and submit the job; (job id, cells file URI, experiment root)."""
+def write_cells(grid, todo_cells, now: str, job_id: str | None = None) -> tuple[str, str]:
+    """The cells file the Tune driver reads (`python -m ocr_cluster.sweep.tune --cells URI`), next to the
+    sweep's experiments on shared storage: (its URI, the experiment root)."""
     import dataclasses
     import json
 
-    import ocr_cluster
-    from ocr_cluster import runtime_env, storage
-    from ocr_cluster.results.rows import LAUNCH_ENV
+    from ocr_cluster import storage
     from ocr_cluster.sweep import tune
 
-    job_client = client(address)
-    now = tune.stamp()
-    job_id = submission_id(grid.name, now)
     root = tune.experiment_root(grid.name, todo_cells, grid.backend.ray.experiment_uri)
     ray_opts = {**dataclasses.asdict(grid.backend.ray), "experiment_root": root}
     ray_opts.pop("address")
     body = {"sweep": grid.name, "job_id": job_id, "ray": ray_opts,
             "cells": [{"name": c.name, "run_id": c.run_id, "axes": c.axes, "config_yaml": c.config.to_yaml()}
                       for c in todo_cells]}
-    cells_uri = storage.write_bytes_atomic(storage.join(root, f"cells-{now}.json"),
-                                           json.dumps(body, default=str).encode())
+    uri = storage.write_bytes_atomic(storage.join(root, f"cells-{now}.json"), json.dumps(body, default=str).encode())
+    return uri, root
+
+
+def submit(grid, todo_cells, address: str, *, with_secrets: bool = False) -> tuple[str, str, str]:
+    """Write the cells file and submit the job; (job id, cells file URI, experiment root)."""
+    import ocr_cluster
+    from ocr_cluster import runtime_env
+    from ocr_cluster.results.rows import LAUNCH_ENV
+    from ocr_cluster.sweep import tune
+
+    job_client = client(address)
+    now = tune.stamp()
+    job_id = submission_id(grid.name, now)
+    cells_uri, root = write_cells(grid, todo_cells, now, job_id)
     env_vars = runtime_env.build(None, with_secrets=with_secrets)["env_vars"]
     env_vars.update({LAUNCH_ENV["launcher"]: tune.LAUNCHER, LAUNCH_ENV["scheduler_job_id"]: job_id})
     if address.startswith(("http://", "https://")):

@@ -5,7 +5,8 @@
     sweep cancel GRID                                       scancel the sweep's live jobs
 
 With --backend ray (or `backend: {default: ray}` in the grid) launch submits one Ray job running Ray Tune
-instead (ocr_cluster.sweep.ray_backend); status and cancel follow each cell's launch record, either kind.
+instead (ocr_cluster.sweep.ray_backend), with --backend slurm-ray one SLURM job hosting a Ray cluster that
+runs Ray Tune (ocr_cluster.sweep.allocation); status and cancel follow each cell's launch record, any kind.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ STATE_STYLES = {"completed": "green", "failed": "red", "lost": "red", "running":
 
 def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
     if action == "launch":
-        parser.add_argument("--backend", choices=("slurm", "ray"), default=None,
-                            help="where the cells run (default: the grid's backend.default, else slurm)")
+        parser.add_argument("--backend", choices=("slurm", "ray", "slurm-ray"), default=None,
+                            help="where the cells run: slurm (a job per cell), ray (Ray Tune on a Ray cluster) or "
+                                 "slurm-ray (Ray Tune inside one SLURM allocation); default: the grid's "
+                                 "backend.default, else slurm")
         parser.add_argument("--address", metavar="URL", default=None,
                             help="--backend ray: the Ray cluster's dashboard, e.g. http://head:8265 (default: "
                                  "backend.ray.address, else RAY_ADDRESS)")
@@ -126,10 +129,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from ocr_cluster.sweep.launch import parameters, plan_launch, prepare, shape_of, submit
 
     grid = load(args.grid)
-    if (args.backend or grid.backend.default) == "ray":
+    backend = args.backend or grid.backend.default
+    if backend == "ray":
         from ocr_cluster.sweep import ray_backend
 
         return ray_backend.cmd_launch(args, grid)
+    if backend == "slurm-ray":
+        from ocr_cluster.sweep import allocation
+
+        return allocation.cmd_launch(args, grid)
     if args.dry_run:
         try:
             launch = plan_launch(grid, args.store, check=True)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import submitit
 
@@ -112,7 +112,7 @@ HEAD_STARTS = 3
 SLOW_START = "timed out during startup"
 
 
-def _start_head(cfg, nodes: int, base_env: dict[str, str], stopped: threading.Event):
+def _start_head(cpus: int, nodes: int, base_env: dict[str, str], stopped: threading.Event):
     """The cell's private head, registered so that signals stop it: on 127.0.0.1 for one node, else on
     this node's address with the launch's token (multinode). Started again (new ports, new temp dir)
     when Ray gave up waiting for its own raylet."""
@@ -121,7 +121,7 @@ def _start_head(cfg, nodes: int, base_env: dict[str, str], stopped: threading.Ev
 
     where = {"node_ip": multinode.node_ip(), "token": multinode.token()} if nodes > 1 else {}
     for start in range(1, HEAD_STARTS + 1):
-        head = _RUNNING["head"] = spawn_head(_cpus(cfg, nodes), base_env=base_env, **where)
+        head = _RUNNING["head"] = spawn_head(cpus, base_env=base_env, **where)
         print(f"private Ray head {head.address}, temp dir {head.temp_dir}", flush=True)
         try:
             return head.wait_ready()
@@ -133,20 +133,22 @@ def _start_head(cfg, nodes: int, base_env: dict[str, str], stopped: threading.Ev
     raise AssertionError("unreachable")
 
 
-class CellTask(submitit.helpers.Checkpointable):
-    """The callable of every array task: `CellTask()(config_yaml)`."""
+class _AllocationTask(submitit.helpers.Checkpointable):
+    """What every task of ours does on its SLURM allocation: a private Ray cluster (one node, or task 0's
+    head joined by the other tasks), one driver process on task 0 with RAY_ADDRESS set to it, everything
+    stopped by process group at the end, on failure and on signals. Subclasses say what the driver is."""
 
-    def __call__(self, config_yaml: str) -> dict[str, Any]:
-        from ocr_cluster import config
+    launcher = "slurm"
+
+    def _attempt(self, *, job_id: str, cpus: int, command: list[str], result: dict[str, Any],
+                 attempts: Callable[[], int] | None = None,
+                 write_failed: Callable[[str, int | None], None] | None = None) -> dict[str, Any]:
+        """Run `command` on this allocation's Ray. `attempts` / `write_failed`: the results store's view,
+        so that a failure the driver did not record gets a failed row."""
         from ocr_cluster.sweep import multinode
         from ocr_cluster.sweep.ray_head import TOKEN_VAR
 
-        job_id = _job_id()
-        cell_file = Path(os.environ.get("SUBMITIT_FOLDER", ".")) / f"{job_id}_cell.yaml"
-        cell_file.write_text(config_yaml)
-        cfg = config.load(cell_file)
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-        print(f"cell {cfg.run.name} (run {cfg.run_id}) as SLURM job {job_id}, restart {restarts}", flush=True)
         stopped = threading.Event()
         previous = signal.getsignal(signal.SIGTERM)
 
@@ -159,30 +161,32 @@ class CellTask(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGTERM, on_sigterm)
         # Read by results.rows for every row of this attempt: the driver's, the workers' (through the
         # head's environment) and a failed row written here.
-        os.environ.update({"OCR_CLUSTER_LAUNCHER": "slurm", "OCR_CLUSTER_JOB_ID": job_id,
+        os.environ.update({"OCR_CLUSTER_LAUNCHER": self.launcher, "OCR_CLUSTER_JOB_ID": job_id,
                            "OCR_CLUSTER_RESTART_COUNT": restarts})
         base_env = dict(os.environ)
         nodes = multinode.num_nodes()
         rdv = multinode.Rendezvous(Path(os.environ.get("SUBMITIT_FOLDER", ".")), job_id, restarts, nodes)
         if nodes > 1 and multinode.rank() > 0:
             try:
-                return self._join(cfg, rdv, base_env, stopped)
+                return {**result, **self._join(rdv, cpus, base_env, stopped)}
             finally:
                 _stop_running()
                 signal.signal(signal.SIGTERM, previous)
+        fail = write_failed or (lambda error, before: None)
         before = None
         tail: deque = deque(maxlen=200)
         try:
             try:
-                before = _attempts(cfg)
+                before = attempts() if attempts is not None else None
             except Exception:  # noqa: BLE001 - the driver's preflight names what is wrong with the store
                 pass
             try:
-                head = _start_head(cfg, nodes, base_env, stopped)
+                head = _start_head(cpus, nodes, base_env, stopped)
                 if nodes > 1:
                     rdv.publish_head(head.address)
                     waited = rdv.wait_joined(stopped)
-                    print(f"all {nodes} nodes joined the cell's Ray cluster ({waited:.1f}s after the head)", flush=True)
+                    print(f"all {nodes} nodes joined the cell's Ray cluster ({waited:.1f}s after the head)",
+                          flush=True)
             except Exception as exc:  # noqa: BLE001
                 if stopped.is_set():
                     raise CellInterrupted(f"stopped while starting Ray: {exc}") from None
@@ -194,12 +198,11 @@ class CellTask(submitit.helpers.Checkpointable):
                 error = f"could not start the cell's Ray head: {what}" + (f" ({lines[-1]})" if len(lines) > 1 else "")
                 if isinstance(exc, multinode.RendezvousError):
                     error = f"the cell's Ray cluster did not form: {what}"
-                _write_failed(cfg, error, before)
+                fail(error, before)
                 raise CellFailed(error) from None
             env = {**base_env, **head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1"}
             env.pop(TOKEN_VAR, None)  # the driver has RAY_AUTH_TOKEN; nothing it starts needs the launch's
-            cmd = [sys.executable, "-m", "ocr_cluster.train", str(cell_file)]
-            driver = _RUNNING["driver"] = subprocess.Popen(cmd, env=env, stdout=None, stderr=subprocess.PIPE,
+            driver = _RUNNING["driver"] = subprocess.Popen(command, env=env, stdout=None, stderr=subprocess.PIPE,
                                                            text=True, start_new_session=True)
             reader = threading.Thread(target=_tee, args=(driver.stderr, sys.stderr, tail), daemon=True)
             reader.start()
@@ -208,11 +211,11 @@ class CellTask(submitit.helpers.Checkpointable):
             reader.join(timeout=10)
             code = driver.returncode
             if code == 0:
-                return {"run_id": cfg.run_id, "name": cfg.run.name, "job_id": job_id, "status": "done"}
+                return {**result, "job_id": job_id, "status": "done"}
             if stopped.is_set() or code < 0 or code in _KILLED:
                 raise CellInterrupted(f"the driver was stopped (exit {code}); SLURM requeues or ends the job")
             error = _error_line(tail, code)
-            _write_failed(cfg, error, before)
+            fail(error, before)
             raise CellFailed(error)
         finally:
             _stop_running()
@@ -220,8 +223,8 @@ class CellTask(submitit.helpers.Checkpointable):
                 rdv.mark_done()  # the other nodes stop their Ray and end
             signal.signal(signal.SIGTERM, previous)
 
-    def _join(self, cfg, rdv, base_env: dict[str, str], stopped: threading.Event) -> dict[str, Any]:
-        """A multi-node cell's task on another node: its Ray joins the head until task 0 is done."""
+    def _join(self, rdv, cpus: int, base_env: dict[str, str], stopped: threading.Event) -> dict[str, Any]:
+        """A task on another node of the allocation: its Ray joins the head until task 0 is done."""
         from ocr_cluster.sweep import multinode
 
         def register(node) -> None:
@@ -232,8 +235,7 @@ class CellTask(submitit.helpers.Checkpointable):
 
         node_rank = multinode.rank()
         try:
-            rejoins = multinode.join_until_done(rdv, node_rank, _cpus(cfg, rdv.nodes), None, base_env, stopped,
-                                                register)
+            rejoins = multinode.join_until_done(rdv, node_rank, cpus, None, base_env, stopped, register)
         except multinode.RendezvousError as exc:
             if stopped.is_set():
                 raise CellInterrupted(str(exc)) from None
@@ -242,12 +244,54 @@ class CellTask(submitit.helpers.Checkpointable):
         if stopped.is_set():
             raise CellInterrupted(f"node task {node_rank} was stopped; SLURM requeues or ends the job")
         print(f"node task {node_rank} done ({rejoins} rejoin(s))", flush=True)
-        return {"run_id": cfg.run_id, "name": cfg.run.name, "node_rank": node_rank, "rejoins": rejoins,
-                "status": "joined"}
+        return {"node_rank": node_rank, "rejoins": rejoins, "status": "joined"}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Preempted or at the time limit: stop this attempt cleanly and requeue the same call (the
-        driver resumes from the run's latest checkpoint)."""
+        driver resumes: a cell from its run's latest checkpoint, a Tune sweep by restoring its experiment)."""
         print("preempted / time limit: stopping the driver and Ray; the job is requeued", flush=True)
         _stop_running()
         return super().checkpoint(*args, **kwargs)
+
+
+class CellTask(_AllocationTask):
+    """The callable of every array task: `CellTask()(config_yaml)` trains one cell."""
+
+    def __call__(self, config_yaml: str) -> dict[str, Any]:
+        from ocr_cluster import config
+        from ocr_cluster.sweep import multinode
+
+        job_id = _job_id()
+        cell_file = Path(os.environ.get("SUBMITIT_FOLDER", ".")) / f"{job_id}_cell.yaml"
+        cell_file.write_text(config_yaml)
+        cfg = config.load(cell_file)
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(f"cell {cfg.run.name} (run {cfg.run_id}) as SLURM job {job_id}, restart {restarts}", flush=True)
+        return self._attempt(job_id=job_id, cpus=_cpus(cfg, multinode.num_nodes()),
+                             command=[sys.executable, "-m", "ocr_cluster.train", str(cell_file)],
+                             result={"run_id": cfg.run_id, "name": cfg.run.name},
+                             attempts=lambda: _attempts(cfg),
+                             write_failed=lambda error, before: _write_failed(cfg, error, before))
+
+
+class SweepTask(_AllocationTask):
+    """One SLURM job that hosts a Ray cluster for a whole sweep: `SweepTask()(cells_uri)` runs the Ray
+    Tune driver (ocr_cluster.sweep.tune --cells) over the cells file on the allocation's Ray, which packs
+    the cells' trials into it. Each trial is the single job's training entry, which writes its own rows
+    (failed ones too); a requeued job restores the Tune experiment."""
+
+    launcher = "slurm-tune"
+
+    def __call__(self, cells_uri: str) -> dict[str, Any]:
+        from ocr_cluster.sweep import multinode, tune
+
+        job_id = _job_id()
+        body, cells = tune.read_cells(cells_uri)
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(f"sweep {body['sweep']}: {len(cells)} cell(s) on one Ray cluster as SLURM job {job_id}, "
+              f"restart {restarts}", flush=True)
+        nodes = multinode.num_nodes()
+        cpus = max((_cpus(cell.config, nodes) for cell in cells), default=1)  # each node fits a cell's share
+        return self._attempt(job_id=job_id, cpus=cpus,
+                             command=[sys.executable, "-m", "ocr_cluster.sweep.tune", "--cells", cells_uri],
+                             result={"sweep": body["sweep"], "cells": len(cells)})

@@ -64,6 +64,8 @@ def train_cell(params: dict[str, Any], launch: dict[str, Any] | None = None,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ocr_cluster.config import loads_yaml
+    from ocr_cluster.errors import UserInputError
+    from ocr_cluster.sweep.task import _attempts, _write_failed
     from ocr_cluster.train.driver import run
 
     cell = params["cell"]
@@ -72,10 +74,21 @@ def train_cell(params: dict[str, Any], launch: dict[str, Any] | None = None,
         print(f"cell {cell['name']} ({cell['run_id']}): not to be trained by this launch (completed, or no "
               "longer in the grid); skipped", flush=True)
         return
-    os.environ[LAUNCH_ENV["launcher"]] = LAUNCHER  # attempt_launch reads these; the workers get them
+    # attempt_launch reads these; the workers get them. A SLURM allocation hosting the sweep
+    # (ocr_cluster.sweep.task.SweepTask) has set its own launcher in the Ray cluster's environment.
+    os.environ[LAUNCH_ENV["launcher"]] = os.environ.get(LAUNCH_ENV["launcher"]) or LAUNCHER
     if (launch or {}).get("job_id"):
         os.environ[LAUNCH_ENV["scheduler_job_id"]] = launch["job_id"]
-    run(loads_yaml(config_yaml), callbacks=[TuneReportCallback()], in_trial=True)
+    cfg = loads_yaml(config_yaml)
+    try:
+        before = _attempts(cfg)
+    except Exception:  # noqa: BLE001 - the driver's preflight names what is wrong with the store
+        before = None
+    try:
+        run(cfg, callbacks=[TuneReportCallback()], in_trial=True)
+    except UserInputError as exc:  # found before training (a bad data.uri): the cell's failed row says so
+        _write_failed(cfg, str(exc), before)
+        raise
 
 
 def trial_name(trial) -> str:

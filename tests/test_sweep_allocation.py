@@ -1,0 +1,92 @@
+"""Ray Tune inside one SLURM allocation (`sweep launch --backend slurm-ray`) on the real SLURM cluster, with
+data, checkpoints and results on the S3 endpoint: the grid's cells run as trials of one Tune experiment on
+the allocation's private Ray cluster, the rows name the SLURM job, status and a relaunch see them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_sweep_slurm import SECRET, attempts, files_text, launch, states, submitted, sweep, write_grid
+
+pytestmark = [pytest.mark.slurm, pytest.mark.s3, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def synth_uri(_s3_service):
+    from ocr_cluster.data.synth import SynthSpec, write_synthetic
+
+    saved = {k: os.environ.get(k) for k in _s3_service.env}
+    os.environ.update(_s3_service.env)
+    uri = f"s3://{_s3_service.info['bucket']}/sweep-allocation/synth"
+    write_synthetic(uri, SynthSpec(classes=4, num_train=16, num_val=4, size_hw=(64, 64)))
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return uri
+
+
+@pytest.fixture
+def cluster(slurm, s3, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    return slurm
+
+
+def _wait_gone(job_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=120)
+        if queued.returncode == 0 and not queued.stdout.strip():
+            return
+        assert time.monotonic() < deadline, f"job {job_id} still queued after {timeout:.0f}s"
+        time.sleep(3)
+
+
+def test_cells_run_as_tune_trials_in_one_allocation(cluster, s3, synth_uri, cli, tmp_path):
+    root = s3.url("alloc")
+    store = f"{root}/results"
+    folder = tmp_path / "submitit"
+    grid = write_grid(tmp_path / "alloc.yaml", root, synth_uri, cluster, iters=(4, 6), name="alloc")
+    grid.write_text(grid.read_text() + "  ray: {max_concurrent_trials: 1}\n")
+
+    dry = sweep(cli, "launch", grid, "--backend", "slurm-ray", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "would submit 2 of 2 cells as one SLURM job hosting Ray Tune" in dry.stdout
+
+    first = launch(cli, grid, folder, "--backend", "slurm-ray")
+    assert first.returncode == 0, first.stdout + first.stderr
+    jobs = submitted(first.stdout)
+    assert len(jobs) == 2 and len(set(jobs.values())) == 1, first.stdout  # one job for both cells
+    job_id = next(iter(jobs.values()))
+    assert "_" not in job_id  # a plain job, not an array task
+    _wait_gone(job_id, timeout=600)
+
+    log = files_text(folder)
+    cells = states(cli, grid)
+    assert {c["state"] for c in cells.values()} == {"completed"}, (cells, log[-4000:])
+    assert "sweep alloc: 2 cell(s) on one Ray cluster as SLURM job" in log
+    assert "Tune experiment" in log
+    rows = attempts(store)
+    assert sorted(r["run_id"] for r in rows) == sorted(jobs), rows
+    for row in rows:
+        assert (row["status"], row["sweep"], row["launcher"], row["scheduler_job_id"]) == \
+            ("completed", "alloc", "slurm-tune", job_id), row
+    # The run ids are the ones `sweep plan` (and so the SLURM arrays and `ray job submit`) use.
+    plan = sweep(cli, "plan", grid, "--json")
+    assert {r["run_id"] for r in map(json.loads, plan.stdout.splitlines())} == set(jobs)
+
+    again = launch(cli, grid, folder, "--backend", "slurm-ray")
+    assert again.returncode == 0 and "nothing to submit (2 completed" in again.stdout, again.stdout + again.stderr
+
+    # Nothing left: the allocation's Ray (its temp dir) is gone, and no credential reached a file.
+    temp_dirs = set(re.findall(r"temp dir (/tmp/ocr[sn]_\w+)", log))
+    assert temp_dirs and not any(Path(d).exists() for d in temp_dirs), temp_dirs
+    assert SECRET not in log
+    from ocr_cluster.sweep import records
+
+    assert SECRET not in str(records.read_records(store, "alloc"))
