@@ -5,7 +5,6 @@ the allocation's private Ray cluster, the rows name the SLURM job, status and a 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -13,28 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from test_sweep_slurm import SECRET, attempts, files_text, launch, states, submitted, sweep, write_grid
+from test_sweep_slurm import (SECRET, attempts, cluster, files_text, launch, states, submitted, sweep,  # noqa: F401
+                              tiny_synth, write_grid)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.s3, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def synth_uri(_s3_service):
-    from ocr_cluster.data.synth import SynthSpec, write_synthetic
-
-    saved = {k: os.environ.get(k) for k in _s3_service.env}
-    os.environ.update(_s3_service.env)
-    uri = f"s3://{_s3_service.info['bucket']}/sweep-allocation/synth"
-    write_synthetic(uri, SynthSpec(classes=4, num_train=16, num_val=4, size_hw=(64, 64)))
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    return uri
-
-
-@pytest.fixture
-def cluster(slurm, s3, monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    return slurm
+    return tiny_synth(_s3_service, "sweep-allocation")
 
 
 def _wait_gone(job_id: str, timeout: float) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from test_sweep_slurm import REPO, attempts, files_text, launch, states, submitted, write_grid
+from test_sweep_slurm import REPO, attempts, files_text, launch, states, submitted, tiny_synth, write_grid
 
 pytestmark = [pytest.mark.slurm, pytest.mark.s3, pytest.mark.timeout(600)]
 TOKEN = "multinode-test-token-" + os.urandom(8).hex()
@@ -32,15 +32,7 @@ TOKEN = "multinode-test-token-" + os.urandom(8).hex()
 
 @pytest.fixture(scope="module")
 def synth_uri(_s3_service):
-    from ocr_cluster.data.synth import SynthSpec, write_synthetic
-
-    saved = {k: os.environ.get(k) for k in _s3_service.env}
-    os.environ.update(_s3_service.env)
-    uri = f"s3://{_s3_service.info['bucket']}/sweep-multinode/synth"
-    write_synthetic(uri, SynthSpec(classes=4, num_train=16, num_val=4, size_hw=(64, 64)))
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    return uri
+    return tiny_synth(_s3_service, "sweep-multinode")
 
 
 @pytest.fixture

@@ -26,18 +26,23 @@ SECRET = "planted-S3CRET-value-7f3c9a1e"
 pytestmark = [pytest.mark.slurm, pytest.mark.s3, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def synth_uri(_s3_service):
-    """A tiny synthetic dataset on the S3 endpoint, shared by this module's tests."""
+def tiny_synth(s3_service, prefix: str) -> str:
+    """A tiny synthetic dataset (4 classes, 16 + 4 images of 64x64) at s3://<bucket>/<prefix>/synth."""
     from ocr_cluster.data.synth import SynthSpec, write_synthetic
 
-    saved = {k: os.environ.get(k) for k in _s3_service.env}
-    os.environ.update(_s3_service.env)
-    uri = f"s3://{_s3_service.info['bucket']}/sweep-slurm/synth"
+    saved = {k: os.environ.get(k) for k in s3_service.env}
+    os.environ.update(s3_service.env)
+    uri = f"s3://{s3_service.info['bucket']}/{prefix}/synth"
     write_synthetic(uri, SynthSpec(classes=4, num_train=16, num_val=4, size_hw=(64, 64)))
     for key, value in saved.items():
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
     return uri
+
+
+@pytest.fixture(scope="module")
+def synth_uri(_s3_service):
+    """A tiny synthetic dataset on the S3 endpoint, shared by this module's tests."""
+    return tiny_synth(_s3_service, "sweep-slurm")
 
 
 @pytest.fixture

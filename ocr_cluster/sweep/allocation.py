@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ocr_cluster.sweep.grid import Grid
-from ocr_cluster.sweep.launch import DEFAULT_FOLDER, Shape, parameters, prepare
+from ocr_cluster.sweep.launch import DEFAULT_FOLDER, Shape, cells_to_submit, parameters
 
 BACKEND_KIND = "slurm-ray"
 
@@ -48,35 +48,26 @@ def cmd_launch(args: argparse.Namespace, grid: Grid) -> int:
 
     from ocr_cluster.results.rows import git_sha
     from ocr_cluster.sweep import records, slurm, tune
-    from ocr_cluster.sweep.grid import SweepError
     from ocr_cluster.sweep.ray_backend import _write_manifest, write_cells
     from ocr_cluster.sweep.ray_head import TOKEN_VAR
-    from ocr_cluster.sweep.status import COMPLETED, LIVE, UNREAD, cell_states
+    from ocr_cluster.sweep.status import COMPLETED
     from ocr_cluster.sweep.task import SweepTask
 
     shape = allocation_shape(grid, grid.cells())
     if not args.dry_run:
         slurm.check_cluster(grid.backend.slurm.partition)
-    notes: list[str] = []
-    cells = prepare(grid, args.store, notes)
-    statuses, more = cell_states(cells, grid.name, ask_slurm=slurm.available())
-    for note in notes + more:
+    launch = cells_to_submit(grid, args.store, ask_slurm=slurm.available())
+    for note in launch.notes:
         print(f"warning: {note}", file=sys.stderr)
-    if any(s.state == UNREAD for s in statuses):
-        raise SweepError("cannot read the results store, so it is not known which cells are completed; "
-                         "nothing was submitted")
-    done = sum(s.state == COMPLETED for s in statuses)
-    live = [s for s in statuses if s.state in LIVE]
-    todo = [s for s in statuses if s.state != COMPLETED and s.state not in LIVE]
+    statuses, todo = launch.statuses, launch.todo
     if not todo:
-        print(f"sweep {grid.name}: nothing to submit ({done} completed, {len(live)} queued or running, "
-              f"{len(statuses)} cells)")
+        print(f"sweep {grid.name}: nothing to submit ({launch.counts()}, {len(statuses)} cells)")
         return 0
     params = {**parameters(grid, shape, 1), "job_name": f"{grid.name}-tune"}
     params.pop("array_parallelism")
     if args.dry_run:
         print(f"sweep {grid.name}: would submit {len(todo)} of {len(statuses)} cells as one SLURM job hosting Ray "
-              f"Tune ({done} completed, {len(live)} queued or running); sbatch parameters: {json.dumps(params)}")
+              f"Tune ({launch.counts()}); sbatch parameters: {json.dumps(params)}")
         for s in todo:
             print(f"  {s.cell.name}  {s.cell.run_id}  ({s.state})")
         return 0
@@ -101,7 +92,7 @@ def cmd_launch(args: argparse.Namespace, grid: Grid) -> int:
         record_uris.append(records.write_record(store_uri, grid.name, "launch", body))
     _write_manifest(grid, statuses)
     print(f"sweep {grid.name}: submitted {len(todo)} of {len(statuses)} cells as SLURM job {job_id} hosting Ray "
-          f"Tune on {shape.nodes} node(s) ({done} completed, {len(live)} already queued or running)")
+          f"Tune on {shape.nodes} node(s) ({launch.counts()} before)")
     for s in todo:
         print(f"  {job_id}  {s.cell.name}  {s.cell.run_id}")
     print(f"launch record: {', '.join(record_uris)}")
@@ -112,5 +103,5 @@ def cmd_launch(args: argparse.Namespace, grid: Grid) -> int:
         return 0
     from ocr_cluster.sweep.slurm_commands import follow
 
-    statuses = follow(grid, cells, args.interval, only={s.cell.run_id for s in todo})
+    statuses = follow(grid, launch.cells, args.interval, only={s.cell.run_id for s in todo})
     return 0 if all(s.state == COMPLETED for s in statuses) else 1

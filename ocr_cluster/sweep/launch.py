@@ -44,6 +44,15 @@ class Launch:
     record_uris: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def cells(self) -> list[Cell]:
+        return [s.cell for s in self.statuses]
+
+    def counts(self) -> str:
+        """'N completed, M queued or running' before submitting."""
+        done = sum(s.state == COMPLETED for s in self.statuses)
+        return f"{done} completed, {sum(s.state in LIVE for s in self.statuses)} queued or running"
+
 
 def absolute_paths(cfg: Config) -> Config:
     """Local URIs made absolute: the task runs in the submit directory, the Ray workers elsewhere."""
@@ -142,14 +151,21 @@ def parameters(grid: Grid, shape: Shape, count: int) -> dict[str, Any]:
 
 
 def plan_launch(grid: Grid, store: str | None = None, check: bool = True) -> Launch:
-    """Every cell's state and the cells to submit; SlurmError when SLURM cannot be used (if `check`)."""
+    """Every cell's state and the cells to submit as a job array; SlurmError when SLURM cannot be used
+    (if `check`)."""
     for cell in grid.cells():
         shape_of(cell, grid)
     if check:
         slurm.check_cluster(grid.backend.slurm.partition)
+    return cells_to_submit(grid, store, ask_slurm=check)
+
+
+def cells_to_submit(grid: Grid, store: str | None, *, ask_slurm: bool, ask_ray: bool = False) -> Launch:
+    """Every cell's state (from the store, the launch records and, if asked, SLURM / Ray's job API) and the
+    cells with no completed row and no live job; SweepError when the store cannot be read."""
     resolving: list[str] = []
     cells = prepare(grid, store, resolving)
-    statuses, notes = cell_states(cells, grid.name, ask_slurm=check)
+    statuses, notes = cell_states(cells, grid.name, ask_slurm=ask_slurm, ask_ray=ask_ray)
     notes = resolving + notes
     unread = [s for s in statuses if s.state == UNREAD]
     if unread:

@@ -167,30 +167,21 @@ def cmd_launch(args, grid) -> int:
 
     from ocr_cluster import storage
     from ocr_cluster.sweep import records, slurm
-    from ocr_cluster.sweep.launch import prepare
-    from ocr_cluster.sweep.status import COMPLETED, LIVE, UNREAD, cell_states
+    from ocr_cluster.sweep.launch import cells_to_submit
+    from ocr_cluster.sweep.status import COMPLETED
 
     address = address_of(grid, args.address) if not args.dry_run else (
         args.address or grid.backend.ray.address or os.environ.get("RAY_ADDRESS") or "(no address given)")
-    notes: list[str] = []
-    cells = prepare(grid, args.store, notes)
-    statuses, more = cell_states(cells, grid.name, ask_slurm=slurm.available(), ask_ray=True)
-    for note in notes + more:
+    launch = cells_to_submit(grid, args.store, ask_slurm=slurm.available(), ask_ray=True)
+    for note in launch.notes:
         print(f"warning: {note}", file=sys.stderr)
-    unread = [s for s in statuses if s.state == UNREAD]
-    if unread:
-        raise SweepError(f"cannot read the results store {unread[0].cell.config.results.store_uri}, so it is not "
-                         "known which cells are completed; nothing was submitted")
-    done = sum(s.state == COMPLETED for s in statuses)
-    live = [s for s in statuses if s.state in LIVE]
-    todo = [s for s in statuses if s.state != COMPLETED and s.state not in LIVE]
+    statuses, todo, cells = launch.statuses, launch.todo, launch.cells
     if not todo:
-        print(f"sweep {grid.name}: nothing to submit ({done} completed, {len(live)} queued or running, "
-              f"{len(statuses)} cells)")
+        print(f"sweep {grid.name}: nothing to submit ({launch.counts()}, {len(statuses)} cells)")
         return 0
     if args.dry_run:
         print(f"sweep {grid.name}: would submit {len(todo)} of {len(statuses)} cells as one Ray Tune job to "
-              f"{address} ({done} completed, {len(live)} queued or running)")
+              f"{address} ({launch.counts()})")
         for s in todo:
             print(f"  {s.cell.name}  {s.cell.run_id}  ({s.state})")
         return 0
@@ -207,7 +198,7 @@ def cmd_launch(args, grid) -> int:
         record_uris.append(records.write_record(store_uri, grid.name, "launch", body))
     _write_manifest(grid, statuses)
     print(f"sweep {grid.name}: submitted {len(todo)} of {len(statuses)} cells as Ray job {job_id} on {address} "
-          f"({done} completed, {len(live)} already queued or running)")
+          f"({launch.counts()} before)")
     for s in todo:
         print(f"  {job_id}  {s.cell.name}  {s.cell.run_id}")
     print(f"launch record: {', '.join(record_uris)}")
