@@ -329,7 +329,8 @@ def run(cfg: Config, callbacks=(), in_trial: bool = False) -> int:
               "numbers start from ImageNet weights", flush=True)
     connect_ray(cfg, layout)
     warn_if_no_data_cpus(cfg, layout)
-    check_cluster_storage(cfg)
+    if not in_trial:  # a trial runs on a cluster node, whose preflight read the data; it may start no other task
+        check_cluster_storage(cfg)
     skip_counter = None
     if cfg.data.skip_bad_samples:  # the training stream's skips, counted by its Ray Data tasks
         from ocr_cluster.data.pipeline import SkipCounter
