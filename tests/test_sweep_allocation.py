@@ -37,35 +37,43 @@ def test_cells_run_as_tune_trials_in_one_allocation(cluster, s3, synth_uri, cli,
     root = s3.url("alloc")
     store = f"{root}/results"
     folder = tmp_path / "submitit"
-    grid = write_grid(tmp_path / "alloc.yaml", root, synth_uri, cluster, iters=(4, 6), name="alloc")
-    grid.write_text(grid.read_text() + "  ray: {max_concurrent_trials: 1}\n")
+    missing = f"s3://{s3.bucket}/no-such-dataset"
+    bad = {"model.head": "fcn", "schedule.iters": 4, "set": {"data.uri": missing}}
+    grid = write_grid(tmp_path / "alloc.yaml", root, synth_uri, cluster, iters=(4, 6), name="alloc", include=[bad])
+    with_trials = grid.read_text() + "  ray: {max_concurrent_trials: 1}\n"
+    grid.write_text(with_trials)
+    # The run ids are the ones `sweep plan` (and so the SLURM arrays and `ray job submit`) use.
+    plan = {r["name"]: r["run_id"] for r in map(json.loads, sweep(cli, "plan", grid, "--json").stdout.splitlines())}
 
     dry = sweep(cli, "launch", grid, "--backend", "slurm-ray", "--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "would submit 2 of 2 cells as one SLURM job hosting Ray Tune" in dry.stdout
+    assert "would submit 3 of 3 cells as one SLURM job hosting Ray Tune" in dry.stdout
 
     first = launch(cli, grid, folder, "--backend", "slurm-ray")
     assert first.returncode == 0, first.stdout + first.stderr
     jobs = submitted(first.stdout)
-    assert len(jobs) == 2 and len(set(jobs.values())) == 1, first.stdout  # one job for both cells
+    assert set(jobs) == set(plan.values()) and len(set(jobs.values())) == 1, first.stdout  # one job, all cells
     job_id = next(iter(jobs.values()))
     assert "_" not in job_id  # a plain job, not an array task
     _wait_gone(job_id, timeout=600)
 
     log = files_text(folder)
     cells = states(cli, grid)
+    failed = cells.pop("fcn_hr18s_1xb2-4_synthetic-64x64")
     assert {c["state"] for c in cells.values()} == {"completed"}, (cells, log[-4000:])
-    assert "sweep alloc: 2 cell(s) on one Ray cluster as SLURM job" in log
+    assert failed["state"] == "failed" and failed["detail"].startswith(f"no manifest at {missing}"), failed
+    assert "sweep alloc: 3 cell(s) on one Ray cluster as SLURM job" in log
     assert "Tune experiment" in log
-    rows = attempts(store)
-    assert sorted(r["run_id"] for r in rows) == sorted(jobs), rows
-    for row in rows:
+    rows = {r["run_id"]: r for r in attempts(store)}
+    assert sorted(rows) == sorted(jobs), rows
+    for name, run_id in plan.items():
+        status = "failed" if run_id == failed["run_id"] else "completed"
+        row = rows[run_id]
         assert (row["status"], row["sweep"], row["launcher"], row["scheduler_job_id"]) == \
-            ("completed", "alloc", "slurm-tune", job_id), row
-    # The run ids are the ones `sweep plan` (and so the SLURM arrays and `ray job submit`) use.
-    plan = sweep(cli, "plan", grid, "--json")
-    assert {r["run_id"] for r in map(json.loads, plan.stdout.splitlines())} == set(jobs)
+            (status, "alloc", "slurm-tune", job_id), row
+    assert rows[failed["run_id"]]["error"] == failed["detail"]  # the trial's preflight line
 
+    write_grid(grid, root, synth_uri, cluster, iters=(4, 6), name="alloc")  # the bad cell dropped
     again = launch(cli, grid, folder, "--backend", "slurm-ray")
     assert again.returncode == 0 and "nothing to submit (2 completed" in again.stdout, again.stdout + again.stderr
 
