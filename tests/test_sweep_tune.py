@@ -10,13 +10,14 @@ shared with other Ray tests a trial's actor can take minutes to start.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from test_sweep_slurm import tiny_synth
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(1800)]
@@ -25,15 +26,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def synth_uri(_s3_service):
     """A tiny synthetic dataset on the S3 endpoint, shared by this module's tests."""
-    from ocr_cluster.data.synth import SynthSpec, write_synthetic
-
-    saved = {k: os.environ.get(k) for k in _s3_service.env}
-    os.environ.update(_s3_service.env)
-    uri = f"s3://{_s3_service.info['bucket']}/sweep-tune/synth"
-    write_synthetic(uri, SynthSpec(classes=4, num_train=16, num_val=4, size_hw=(64, 64)))
-    for key, value in saved.items():
-        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    return uri
+    return tiny_synth(_s3_service, "sweep-tune")
 
 
 def write_grid(path: Path, root: str, synth_uri: str, address: str, iters: list[int], name: str) -> Path:
