@@ -14,15 +14,13 @@ experiment and its trials resume from their checkpoints.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import secrets
 import sys
-from pathlib import Path
 
 from ocr_cluster.sweep.grid import Grid
-from ocr_cluster.sweep.launch import DEFAULT_FOLDER, Shape, cells_to_submit, parameters
+from ocr_cluster.sweep.launch import Shape, cells_to_submit, parameters, submitit_folder
 
 BACKEND_KIND = "slurm-ray"
 
@@ -72,8 +70,7 @@ def cmd_launch(args: argparse.Namespace, grid: Grid) -> int:
             print(f"  {s.cell.name}  {s.cell.run_id}  ({s.state})")
         return 0
 
-    now = dt.datetime.now(dt.timezone.utc)
-    folder = (Path(args.folder or DEFAULT_FOLDER) / grid.name / f"launch-{now:%Y%m%dT%H%M%S%fZ}").absolute()
+    folder = submitit_folder(grid, args.folder)
     cells_uri, root = write_cells(grid, [s.cell for s in todo], tune.stamp())
     os.environ.setdefault(TOKEN_VAR, secrets.token_hex(32))  # the nodes' shared token: environment only
     executor = submitit.SlurmExecutor(folder=folder)

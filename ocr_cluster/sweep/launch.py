@@ -175,6 +175,12 @@ def cells_to_submit(grid: Grid, store: str | None, *, ask_slurm: bool, ask_ray: 
     return Launch(statuses, todo, notes=notes)
 
 
+def submitit_folder(grid: Grid, folder_root: str | Path | None) -> Path:
+    """<folder_root or ./sweeps_runs>/<sweep>/launch-<UTC time>/, absolute: where one launch's jobs log."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return (Path(folder_root or DEFAULT_FOLDER) / grid.name / f"launch-{now:%Y%m%dT%H%M%S%fZ}").absolute()
+
+
 def submit(grid: Grid, launch: Launch, folder_root: str | Path | None = None) -> Launch:
     """Submit `launch.todo`; write the launch record(s) and the sweep's manifest."""
     import submitit
@@ -183,8 +189,7 @@ def submit(grid: Grid, launch: Launch, folder_root: str | Path | None = None) ->
     from ocr_cluster.results.rows import git_sha
     from ocr_cluster.sweep.task import CellTask
 
-    now = dt.datetime.now(dt.timezone.utc)
-    launch.folder = (Path(folder_root or DEFAULT_FOLDER) / grid.name / f"launch-{now:%Y%m%dT%H%M%S%fZ}").absolute()
+    launch.folder = submitit_folder(grid, folder_root)
     groups: dict[Shape, list[CellStatus]] = {}
     for status in launch.todo:
         groups.setdefault(shape_of(status.cell, grid), []).append(status)
