@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from ocr_cluster.data import DataError, codec
@@ -269,3 +270,63 @@ def test_window_resize_matches_the_full_resize():
     full = T.resize(big, None, (170, 101))[0]
     assert np.abs(T.window_resize(big, (170, 101), 40, 77, 30, 60).astype(int) - full[40:70, 77:137]).max() <= 1
     assert np.array_equal(T.nearest_index(0, 101, 30, 101), np.floor(np.arange(101) * (30 / 101)).astype(int))
+
+
+def _mmseg_photometric(img: np.ndarray, random: np.random.RandomState) -> np.ndarray:
+    """mmseg 1.2.2's PhotoMetricDistortion.transform transcribed line by line (np.random -> `random`,
+    mmcv.bgr2hsv / hsv2bgr -> cv2.cvtColor): the reference the fused lookup tables must equal bit for bit."""
+    def convert(x, alpha=1, beta=0):
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(x):
+        return convert(x, alpha=random.uniform(0.5, 1.5)) if random.randint(2) else x
+
+    if random.randint(2):
+        img = convert(img, beta=random.uniform(-32, 32))
+    mode = random.randint(2)
+    if mode == 1:
+        img = contrast(img)
+    if random.randint(2):
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        img[:, :, 1] = convert(img[:, :, 1], alpha=random.uniform(0.5, 1.5))
+        img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
+    if random.randint(2):
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        img[:, :, 0] = (img[:, :, 0].astype(int) + random.randint(-18, 18)) % 180
+        img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
+    if mode == 0:
+        img = contrast(img)
+    return img
+
+
+def test_fused_photometric_and_normalisation_equal_mmseg_step_by_step():
+    """The fused tables (consecutive brightness/contrast in one pass, the trailing one folded into the
+    normalisation tables) against mmseg's steps one by one, over every branch combination (400 seeds),
+    on noise and on a smooth natural-like image, and on a strided crop view as the chain passes it."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    smooth = np.ascontiguousarray(render(SynthSpec(size_hw=(40, 56)), "train", 3)[0][:, :, ::-1])
+    frame = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    branches = set()
+    for image in (noise, smooth, frame[7:47, 11:67]):
+        for seed in range(400):
+            want = _mmseg_photometric(np.ascontiguousarray(image), np.random.RandomState(seed))
+            draw = T.draw_photometric(T.LegacyRandom(np.random.RandomState(seed)))
+            branches.add(tuple(v is not None for v in (draw.brightness, draw.contrast, draw.saturation, draw.hue))
+                         + (draw.contrast_first,))
+            assert np.array_equal(T.apply_photometric(image, draw), want), seed
+            fused, tail = T.photometric_steps(image, draw)
+            assert np.array_equal(T.normalize_image(fused, MEAN, STD, first=tail), T.normalize_image(want, MEAN, STD))
+    assert len(branches) == 32  # every combination of the four steps and both orders was exercised
+
+
+def test_train_transform_equals_augment_then_normalise_and_pad():
+    """train_transform's deferred tail table gives the same tensor as augment (all tables applied) + normalise."""
+    image_b, label_b, image, label = _encoded(96, 160)
+    for exact in (True, False):
+        p = T.TrainParams(crop_hw=(48, 64), scale_wh=(160, 96), num_classes=6, exact_resize=exact)
+        for seed in range(40):
+            got_img, got_lab = T.train_transform(image_b, label_b, p, np.random.default_rng(seed))
+            crop, crop_lab = T.augment(image, label, p, np.random.default_rng(seed))
+            want_img, want_lab = T.pad(T.normalize_image(crop, MEAN, STD), crop_lab, (48, 64))
+            assert np.array_equal(got_img, want_img) and np.array_equal(got_lab, want_lab), (exact, seed)

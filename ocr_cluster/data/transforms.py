@@ -223,7 +223,7 @@ def random_flip(image: np.ndarray, label: np.ndarray, prob: float, rng,
                 swap_pairs=()) -> tuple[np.ndarray, np.ndarray]:
     """Step 3: horizontal flip with probability `prob`; `swap_pairs` exchange left/right classes."""
     if rng.random() < prob:
-        image, label = cv2.flip(np.ascontiguousarray(image), 1), cv2.flip(np.ascontiguousarray(label), 1)
+        image, label = cv2.flip(image, 1), cv2.flip(label, 1)
         lut = swap_lut(tuple(map(tuple, swap_pairs)))
         if lut is not None:
             label = cv2.LUT(label, lut)
@@ -272,30 +272,56 @@ def _hue_lut(delta: int) -> np.ndarray:
     return ((np.arange(256) + delta) % 180).astype(np.uint8)  # HSV hue < 180 in OpenCV's uint8 HSV
 
 
-def apply_photometric(image: np.ndarray, draw: PhotometricDraw) -> np.ndarray:
-    """Apply one draw to an HxWx3 uint8 BGR image (mmseg's steps; brightness+contrast fused exactly)."""
+def compose_luts(first: np.ndarray | None, then: np.ndarray | None) -> np.ndarray | None:
+    """The table of `then` applied after `first` (None = identity): one pass instead of two, same values."""
+    if first is None or then is None:
+        return then if first is None else first
+    return then[first]
+
+
+def photometric_steps(image: np.ndarray, draw: PhotometricDraw) -> tuple[np.ndarray, np.ndarray | None]:
+    """Apply one draw except its trailing lookup-table step: (image, that table or None).
+
+    mmseg's order: brightness, [contrast], saturation (HSV round trip), hue (HSV round trip), [contrast].
+    Brightness and contrast are per-value tables, so consecutive ones fold into one table, and the last
+    one need not touch the image here at all: `train_transform` folds it into the normalisation tables
+    (a table of a table gives the same values). Without an HSV step every table folds into the tail.
+    """
     before = convert_lut(beta=draw.brightness) if draw.brightness is not None else None
     contrast = convert_lut(alpha=draw.contrast) if draw.contrast is not None else None
-    if draw.contrast_first and contrast is not None:
-        before = contrast if before is None else contrast[before]
+    if draw.contrast_first:
+        before = compose_luts(before, contrast)
+    after = None if draw.contrast_first else contrast
+    if draw.saturation is None and draw.hue is None:
+        return image, compose_luts(before, after)
     if before is not None:
         image = cv2.LUT(image, before)
     if draw.saturation is not None:
         hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
-        hsv[:, :, 1] = cv2.LUT(np.ascontiguousarray(hsv[:, :, 1]), convert_lut(alpha=draw.saturation))
-        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+        image = cv2.cvtColor(cv2.LUT(hsv, _channel_lut(1, convert_lut(alpha=draw.saturation)), dst=hsv),
+                             cv2.COLOR_HSV2BGR)
     if draw.hue is not None:
         hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
-        hsv[:, :, 0] = cv2.LUT(np.ascontiguousarray(hsv[:, :, 0]), _hue_lut(draw.hue))
-        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
-    if not draw.contrast_first and contrast is not None:
-        image = cv2.LUT(image, contrast)
-    return image
+        image = cv2.cvtColor(cv2.LUT(hsv, _channel_lut(0, _hue_lut(draw.hue)), dst=hsv), cv2.COLOR_HSV2BGR)
+    return image, after
+
+
+def _channel_lut(channel: int, table: np.ndarray) -> np.ndarray:
+    """A 3-channel cv2.LUT table: `table` on one channel, identity on the others (no plane copies)."""
+    out = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    out[:, channel] = table
+    return out.reshape(256, 1, 3)
+
+
+def apply_photometric(image: np.ndarray, draw: PhotometricDraw) -> np.ndarray:
+    """Apply one draw to an HxWx3 uint8 BGR image (mmseg's steps; consecutive tables fused exactly)."""
+    image, tail = photometric_steps(image, draw)
+    return image if tail is None else cv2.LUT(image, tail)
 
 
 def photometric_distortion(image: np.ndarray, rng) -> np.ndarray:
     """Step 4 on an HxWx3 uint8 BGR array."""
-    return apply_photometric(np.ascontiguousarray(image), draw_photometric(rng))
+    return np.ascontiguousarray(apply_photometric(image, draw_photometric(rng)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,12 +335,16 @@ def normalize_luts(mean: tuple, std: tuple) -> tuple[np.ndarray, ...]:
     return tuple(((values - np.float32(m)) / np.float32(s)).reshape(1, 256) for m, s in zip(mean, std))
 
 
-def normalize_image(image: np.ndarray, mean, std) -> np.ndarray:
-    """Step 5: HxWx3 uint8 BGR -> 3xHxW float32 RGB, (x - mean) / std (mmseg's bgr_to_rgb + Normalize)."""
+def normalize_image(image: np.ndarray, mean, std, first: np.ndarray | None = None) -> np.ndarray:
+    """Step 5: HxWx3 uint8 BGR -> 3xHxW float32 RGB, (x - mean) / std (mmseg's bgr_to_rgb + Normalize).
+
+    `first`: a uint8 table still to be applied to every channel before normalising (the photometric
+    step's tail), folded into the float tables: the values are those of normalising LUT(image, first).
+    """
     out = np.empty((3, *image.shape[:2]), np.float32)
     b, g, r = cv2.split(np.ascontiguousarray(image))
     for plane, channel, lut in zip(out, (r, g, b), normalize_luts(tuple(mean), tuple(std))):
-        cv2.LUT(channel, lut, dst=plane)
+        cv2.LUT(channel, lut if first is None else lut[:, first], dst=plane)
     return out
 
 
@@ -365,6 +395,18 @@ def augment(image: np.ndarray, label: np.ndarray, p: TrainParams, rng) -> tuple[
     is resampled: the label by the exact INTER_NEAREST index map, the image by `window_resize` (within
     one grey level of the full resize). Same random draws, same crop, same label either way.
     """
+    image, label, tail = augment_deferred(image, label, p, rng)
+    if tail is not None:
+        image = cv2.LUT(image, tail)
+    return np.ascontiguousarray(image), label
+
+
+def augment_deferred(image: np.ndarray, label: np.ndarray, p: TrainParams,
+                     rng) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`augment`, leaving the photometric step's trailing lookup table unapplied: (image, label, table).
+
+    The image may be a view into the resized frame; the label is contiguous.
+    """
     height, width = label.shape
     new_w, new_h = rescale_size(width, height, sample_target_scale(p.scale_wh, p.ratio_range, rng))
     ch, cw = min(p.crop_hw[0], new_h), min(p.crop_hw[1], new_w)
@@ -380,17 +422,18 @@ def augment(image: np.ndarray, label: np.ndarray, p: TrainParams, rng) -> tuple[
                                          p.ignore_index)
         image, label = window_resize(image, (new_w, new_h), y0, x0, ch, cw), label_crop
     image, label = random_flip(image, label, p.flip_prob, rng, p.flip_swap)
+    tail = None
     if p.photometric:
-        image = photometric_distortion(image, rng)
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+        image, tail = photometric_steps(image, draw_photometric(rng))
+    return image, np.ascontiguousarray(label), tail
 
 
 def train_transform(image_bytes: bytes, label_bytes: bytes, p: TrainParams, rng, *,
                     where: str = "sample") -> tuple[np.ndarray, np.ndarray]:
     """Encoded sample -> (3xHxW float32 normalised crop, HxW uint8 label crop), H x W = p.crop_hw."""
     image, label = decode_pair(image_bytes, label_bytes, p.num_classes, where=where)
-    image, label = augment(image, label, p, rng)
-    return pad(normalize_image(image, p.mean, p.std), label, p.crop_hw, p.ignore_index)
+    image, label, tail = augment_deferred(image, label, p, rng)
+    return pad(normalize_image(image, p.mean, p.std, first=tail), label, p.crop_hw, p.ignore_index)
 
 
 def eval_transform(image_bytes: bytes, label_bytes: bytes, p: EvalParams, *,
