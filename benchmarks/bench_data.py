@@ -18,8 +18,23 @@ measurement is repeated --trials times, interleaved, and the best run is kept (t
 shared). Single-process rows are also given by CPU time (`cpu_*`), which a busy machine distorts
 less than wall time. Results: benchmarks/README.md, section "Data".
 
+Per core: the single-process rows by CPU time are images per second per CPU core (median and range
+over the trials), printed as a table: decode only, transform (decode + mmseg augmentation from bytes
+in memory) and local (the whole in-process pipeline: shard read, CRC-32, decode, augmentation).
+
+Cores per GPU: a GPU training at R images/s needs R / (local img/s per core) cores of decoding so
+that data never waits. R per model comes from --gpu-rates: benchmarks/gpu_rates.json by default (an
+ASSUMED table, each rate with its basis; replace it by measured rates), or the output of
+benchmarks/gpu_check.py saved to a file (its "training ... img/s (crop 512x1024 ...)" lines, the
+measured rates). Rates are for 512x1024 crops; a preset with another crop scales them by pixels
+(R x 512*1024 / crop pixels: the step's cost taken as proportional to pixels, an assumption).
+--from-json recomputes the tables from an earlier --json without measuring again.
+
     .venv/bin/python benchmarks/bench_data.py                       # all presets, local + S3
     .venv/bin/python benchmarks/bench_data.py --preset cityscapes --ray --json out.json
+    .venv/bin/python benchmarks/bench_data.py --no-s3 --trials 5 --json data.json
+    .venv/bin/python benchmarks/gpu_check.py > gpu.txt              # on a GPU machine
+    .venv/bin/python benchmarks/bench_data.py --from-json data.json --gpu-rates gpu.txt
 """
 
 from __future__ import annotations
@@ -29,6 +44,8 @@ import concurrent.futures as cf
 import json
 import os
 import platform
+import re
+import statistics
 import shutil
 import sys
 import tempfile
@@ -95,6 +112,18 @@ def rate_decode(pairs) -> tuple[float, float]:
     return n / wall, n / cpu
 
 
+def rate_transform(pairs, params) -> tuple[float, float]:
+    """decode + augment from bytes in memory (train_transform), no shard I/O: (wall, CPU) samples/s."""
+    from ocr_cluster.data.transforms import sample_rng, train_transform
+
+    def run() -> int:
+        for i, (image, label) in enumerate(pairs):
+            train_transform(image, label, params, sample_rng(0, 0, str(i)))
+        return len(pairs)
+    n, wall, cpu = _timed(run)
+    return n / wall, n / cpu
+
+
 def rate_decode_parallel(uri: str, n: int, procs: int) -> tuple[float, float]:
     """Decode with `procs` processes, each on its share; wall time of the slowest."""
     bounds = np.linspace(0, n, procs + 1).astype(int)
@@ -138,6 +167,71 @@ def profile_stages(pairs, data: DataSection, uri: str) -> dict[str, float]:
             "decode_augment_cpu_ms": round((time.process_time() - t) / len(pairs) * 1e3, 2)}
 
 
+DEFAULT_GPU_RATES = Path(__file__).with_name("gpu_rates.json")
+GPU_CHECK_LINE = re.compile(r"^\s*(\S+)\s+\+ ocr\s+(\S+)\s+training\s+([\d.]+) img/s \(crop (\d+)x(\d+)")
+
+
+def load_gpu_rates(path: str | Path) -> dict:
+    """{"source", "device", "models": {name: {"img_per_s", "crop_hw", "basis"}}} from gpu_rates.json's format
+    or from benchmarks/gpu_check.py's printed output (its training lines: measured)."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("{"):
+        table = json.loads(text)
+        for row in table["models"].values():
+            row.setdefault("crop_hw", table.get("crop_hw", [512, 1024]))
+        return table
+    device = next((line.split(":", 1)[1].split(",")[0].strip() for line in text.splitlines()
+                   if line.startswith("device:")), "GPU")
+    models = {f"{m[1]}+ocr {m[2]}": {"img_per_s": float(m[3]), "crop_hw": [int(m[4]), int(m[5])],
+                                     "basis": "measured by benchmarks/gpu_check.py"}
+              for m in map(GPU_CHECK_LINE.match, text.splitlines()) if m}
+    if not models:
+        raise SystemExit(f"{path}: no gpu_check.py training lines and not JSON")
+    return {"source": f"measured: {path}", "device": device, "models": models}
+
+
+def cores_per_gpu(per_core: dict[str, float], crops: dict[str, list[int]], gpu: dict) -> dict[str, dict[str, float]]:
+    """{model: {preset: cores}}: the GPU's img/s at the preset's crop over one core's img/s."""
+    out = {}
+    for model, row in gpu["models"].items():
+        pixels = row["crop_hw"][0] * row["crop_hw"][1]
+        out[model] = {preset: row["img_per_s"] * pixels / (crops[preset][0] * crops[preset][1]) / rate
+                      for preset, rate in per_core.items()}
+    return out
+
+
+def print_tables(results: dict, gpu: dict) -> None:
+    presets = results["presets"]
+    print("\nImages per second per CPU core (CPU time, one process; median [min-max] of "
+          f"{results.get('trials', '?')} trials):\n")
+    print("| preset | image | crop | decode | transform (decode + augment) | local (read + decode + augment) "
+          "| local / decode |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for name, row in presets.items():
+        per = row["per_core"]
+        cells = [f"{per[k]['median']:.1f} [{per[k]['min']:.0f}-{per[k]['max']:.0f}]"
+                 for k in ("decode", "transform", "local")]
+        print(f"| {name} | {row['image']} | {row['crop']} | {' | '.join(cells)} | "
+              f"{per['local']['median'] / per['decode']['median']:.2f} |")
+    per_core = {name: row["per_core"]["local"]["median"] for name, row in presets.items()}
+    crops = {name: [int(v) for v in row["crop"].split("x")] for name, row in presets.items()}
+    table = cores_per_gpu(per_core, crops, gpu)
+    print(f"\nCPU cores per GPU so that data never waits ({gpu['device']}; GPU rates: {gpu['source']}):\n")
+    print("| model | GPU img/s (crop) | " + " | ".join(f"{n} cores" for n in presets) + " |")
+    print("|---|---:|" + "---:|" * len(presets))
+    for model, cores in table.items():
+        row = gpu["models"][model]
+        print(f"| {model} | {row['img_per_s']:g} ({row['crop_hw'][0]}x{row['crop_hw'][1]}) | "
+              + " | ".join(f"{c:.1f}" for c in cores.values()) + " |")
+    print("\ncores = GPU img/s x (GPU crop pixels / preset crop pixels) / (local img/s per core); one core "
+          "decodes one sample at a time (cv2.setNumThreads(1), as the Ray decode tasks)\n", flush=True)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
+            "max": round(max(values), 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all")
@@ -149,12 +243,22 @@ def main() -> int:
                         help="decode tasks in parallel; Ray gets one more logical CPU for the read tasks (0.25 each)")
     parser.add_argument("--ray-epochs", type=int, default=6, help="epochs per Ray measurement (amortises start-up)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--gpu-rates", default=str(DEFAULT_GPU_RATES),
+                        help="GPU img/s per model: a gpu_rates.json-style file (default: the ASSUMED table) or "
+                             "benchmarks/gpu_check.py's saved output (measured)")
+    parser.add_argument("--from-json", default=None, help="print the tables from an earlier --json, measure nothing")
     args = parser.parse_args()
+    gpu = load_gpu_rates(args.gpu_rates)
+    if args.from_json:
+        print_tables(json.loads(Path(args.from_json).read_text()), gpu)
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     s3_service = None
     results = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()}, "presets": {}}
+                           "opencv": cv2.__version__, "cpus": os.cpu_count(),
+                           "load_avg_at_start": os.getloadavg()},
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "trials": args.trials, "presets": {}}
     try:
         s3_root = None
         if not args.no_s3:
@@ -190,8 +294,10 @@ def main() -> int:
             mb = sum(len(a) + len(b) for a, b in pairs) / len(pairs) / 1e6
             best: dict[str, float] = {}
             best_cpu: dict[str, float] = {}
+            cpu_runs: dict[str, list[float]] = {}
+            params = pipeline.train_params(data["local"], read_manifest(local))
             for _ in range(args.trials):
-                runs = {"decode": lambda: rate_decode(pairs),
+                runs = {"decode": lambda: rate_decode(pairs), "transform": lambda: rate_transform(pairs, params),
                         **{where: (lambda d=d: rate_iter(d, count)) for where, d in data.items()}}
                 if args.ray:
                     runs[f"decode_x{args.ray_cpus}"] = lambda: rate_decode_parallel(local, count, args.ray_cpus)
@@ -201,10 +307,12 @@ def main() -> int:
                     wall, cpu = fn()
                     best[key] = max(best.get(key, 0.0), wall)
                     best_cpu[key] = max(best_cpu.get(key, 0.0), cpu)
-            single = ["decode", "local"]
+                    cpu_runs.setdefault(key, []).append(cpu)
+            single = ["decode", "transform", "local"]
             row = {"image": f"{size_hw[0]}x{size_hw[1]} {fmt}", "scale": scale, "crop": crop, "samples": count,
                    "mb_per_sample": round(mb, 3), "samples_per_s": {k: round(v, 1) for k, v in best.items()},
                    "vs_decode": {k: round(v / best["decode"], 3) for k, v in best.items() if k in data},
+                   "per_core": {k: _spread(cpu_runs[k]) for k in single},
                    "cpu_samples_per_s": {k: round(best_cpu[k], 1) for k in single},
                    "cpu_vs_decode": round(best_cpu["local"] / best_cpu["decode"], 3),
                    "stages": profile_stages(pairs[: min(32, count)], data["local"], local)}
@@ -214,6 +322,7 @@ def main() -> int:
             results["presets"][name] = row
             print(json.dumps({name: row}), flush=True)
         results["machine"]["load_avg_at_end"] = os.getloadavg()
+        print_tables(results, gpu)
     finally:
         if args.ray:
             import ray
