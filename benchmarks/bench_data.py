@@ -112,13 +112,16 @@ def rate_decode(pairs) -> tuple[float, float]:
     return n / wall, n / cpu
 
 
-def rate_transform(pairs, params) -> tuple[float, float]:
-    """decode + augment from bytes in memory (train_transform), no shard I/O: (wall, CPU) samples/s."""
-    from ocr_cluster.data.transforms import sample_rng, train_transform
+def rate_transform(pairs, params, uint8: bool = False) -> tuple[float, float]:
+    """decode + augment from bytes in memory, no shard I/O: (wall, CPU) samples/s. train_transform (float32
+    normalised output), or with `uint8` train_crop_uint8 (the option that leaves normalising to the GPU)."""
+    from ocr_cluster.data import transforms
+
+    fn = transforms.train_crop_uint8 if uint8 else transforms.train_transform
 
     def run() -> int:
         for i, (image, label) in enumerate(pairs):
-            train_transform(image, label, params, sample_rng(0, 0, str(i)))
+            fn(image, label, params, transforms.sample_rng(0, 0, str(i)))
         return len(pairs)
     n, wall, cpu = _timed(run)
     return n / wall, n / cpu
@@ -204,13 +207,13 @@ def print_tables(results: dict, gpu: dict) -> None:
     presets = results["presets"]
     print("\nImages per second per CPU core (CPU time, one process; median [min-max] of "
           f"{results.get('trials', '?')} trials):\n")
-    print("| preset | image | crop | decode | transform (decode + augment) | local (read + decode + augment) "
-          "| local / decode |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| preset | image | crop | decode | transform (decode + augment) | same, uint8 out (GPU normalises) "
+          "| local (read + decode + augment) | local / decode |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for name, row in presets.items():
         per = row["per_core"]
-        cells = [f"{per[k]['median']:.1f} [{per[k]['min']:.0f}-{per[k]['max']:.0f}]"
-                 for k in ("decode", "transform", "local")]
+        cells = [f"{per[k]['median']:.1f} [{per[k]['min']:.0f}-{per[k]['max']:.0f}]" if k in per else "-"
+                 for k in ("decode", "transform", "transform_uint8", "local")]
         print(f"| {name} | {row['image']} | {row['crop']} | {' | '.join(cells)} | "
               f"{per['local']['median'] / per['decode']['median']:.2f} |")
     per_core = {name: row["per_core"]["local"]["median"] for name, row in presets.items()}
@@ -298,6 +301,7 @@ def main() -> int:
             params = pipeline.train_params(data["local"], read_manifest(local))
             for _ in range(args.trials):
                 runs = {"decode": lambda: rate_decode(pairs), "transform": lambda: rate_transform(pairs, params),
+                        "transform_uint8": lambda: rate_transform(pairs, params, uint8=True),
                         **{where: (lambda d=d: rate_iter(d, count)) for where, d in data.items()}}
                 if args.ray:
                     runs[f"decode_x{args.ray_cpus}"] = lambda: rate_decode_parallel(local, count, args.ray_cpus)
@@ -308,7 +312,7 @@ def main() -> int:
                     best[key] = max(best.get(key, 0.0), wall)
                     best_cpu[key] = max(best_cpu.get(key, 0.0), cpu)
                     cpu_runs.setdefault(key, []).append(cpu)
-            single = ["decode", "transform", "local"]
+            single = ["decode", "transform", "transform_uint8", "local"]
             row = {"image": f"{size_hw[0]}x{size_hw[1]} {fmt}", "scale": scale, "crop": crop, "samples": count,
                    "mb_per_sample": round(mb, 3), "samples_per_s": {k: round(v, 1) for k, v in best.items()},
                    "vs_decode": {k: round(v / best["decode"], 3) for k, v in best.items() if k in data},

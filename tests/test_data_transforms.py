@@ -330,3 +330,24 @@ def test_train_transform_equals_augment_then_normalise_and_pad():
             crop, crop_lab = T.augment(image, label, p, np.random.default_rng(seed))
             want_img, want_lab = T.pad(T.normalize_image(crop, MEAN, STD), crop_lab, (48, 64))
             assert np.array_equal(got_img, want_img) and np.array_equal(got_lab, want_lab), (exact, seed)
+
+
+def test_uint8_crops_normalised_in_torch_equal_the_float_pipeline():
+    """The GPU-normalisation option: train_crop_uint8 + normalize_batch (torch, here on the CPU) give exactly
+    train_transform's float32 tensors, padding included (ADE-like: crops smaller than crop_size are padded)."""
+    import torch
+
+    image_b, label_b, _, _ = _encoded(48, 64)
+    p = T.TrainParams(crop_hw=(64, 64), scale_wh=(64, 48), num_classes=6)
+    crops, valid, want_img, want_lab = [], [], [], []
+    for seed in range(24):
+        img, lab, hw = T.train_crop_uint8(image_b, label_b, p, np.random.default_rng(seed))
+        crops.append(img)
+        valid.append(hw)
+        assert np.array_equal(lab, T.train_transform(image_b, label_b, p, np.random.default_rng(seed))[1])
+        want_img.append(T.train_transform(image_b, label_b, p, np.random.default_rng(seed))[0])
+    assert {hw for hw in valid} != {(64, 64)}  # some crops were padded
+    got = T.normalize_batch(torch.from_numpy(np.stack(crops)), valid, MEAN, STD)
+    assert got.dtype == torch.float32 and got.shape == (24, 3, 64, 64)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, torch.from_numpy(np.stack(want_img)))

@@ -22,13 +22,18 @@ random draws in the same order, and images kept in BGR order until normalisation
 6. Pad to crop_size at the bottom/right: image 0 (after normalisation, = the mean colour), label 255.
 
 Only the crop-sized result leaves `train_transform`: the photometric and normalisation steps run on
-the crop, brightness/contrast/normalisation are lookup tables, and when the resized frame would be
+the crop, brightness/contrast/normalisation are lookup tables (consecutive ones fused into one pass;
+the photometric step's last table folded into the normalisation tables), and when the resized frame would be
 much larger than the crop only the crop window is resampled (`augment`; labels stay exact, images
 within one grey level; `TrainParams(exact_resize=True)` always resizes the whole frame). With a
 `numpy.random.RandomState` behind `LegacyRandom`, the draws are those of mmseg's global numpy RNG,
 which is how tests/test_data_transforms.py checks the chain against outputs recorded from mmseg
 1.2.2 itself: bit-exact with exact_resize, within one grey level (before photometric distortion)
 without.
+
+Normalising on the GPU instead (an option, as mmseg's SegDataPreProcessor does): `train_crop_uint8`
+gives the padded uint8 BGR crop and its valid size, `normalize_batch` (torch) the same float32 values as
+`train_transform`, bit for bit, at a quarter of the bytes between the decode tasks and the trainer.
 
 Randomness: the pipeline seeds one Generator per sample from (seed, epoch, key) (`sample_rng`), so
 a sample's crop does not depend on which worker or task processes it.
@@ -434,6 +439,47 @@ def train_transform(image_bytes: bytes, label_bytes: bytes, p: TrainParams, rng,
     image, label = decode_pair(image_bytes, label_bytes, p.num_classes, where=where)
     image, label, tail = augment_deferred(image, label, p, rng)
     return pad(normalize_image(image, p.mean, p.std, first=tail), label, p.crop_hw, p.ignore_index)
+
+
+def train_crop_uint8(image_bytes: bytes, label_bytes: bytes, p: TrainParams, rng, *,
+                     where: str = "sample") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """`train_transform` without steps 5-6 on the image: (HxWx3 uint8 BGR crop padded with 0, HxW label padded
+    with 255, (h, w) of the unpadded crop), H x W = p.crop_hw.
+
+    For normalising on the GPU, as mmseg's SegDataPreProcessor does: `normalize_batch` turns a batch of these
+    into the very float32 values `train_transform` gives, at a quarter of the bytes and without the CPU's
+    normalisation pass. Same random draws, same crop.
+    """
+    image, label = decode_pair(image_bytes, label_bytes, p.num_classes, where=where)
+    image, label = augment(image, label, p, rng)
+    h, w = label.shape
+    if (h, w) == tuple(p.crop_hw):
+        return image, label, (h, w)
+    out_img = np.zeros((*p.crop_hw, 3), np.uint8)
+    out_lab = np.full(p.crop_hw, p.ignore_index, np.uint8)
+    out_img[:h, :w], out_lab[:h, :w] = image, label
+    return out_img, out_lab, (h, w)
+
+
+def normalize_batch(images, valid_hw, mean, std):
+    """A torch uint8 [B, H, W, 3] BGR batch of `train_crop_uint8` crops (on any device) -> float32 [B, 3, H, W]
+    RGB, (x - mean) / std, 0 outside each crop's valid (h, w): bit-identical to `train_transform`'s images
+    (float32 subtraction and division, as its tables and mmseg's SegDataPreProcessor compute them). The
+    result is a channels_last view (no copy for the layout). `valid_hw`: [B, 2] ints (host).
+    """
+    import torch
+
+    rgb = images.flip(-1).to(torch.float32)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=rgb.device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=rgb.device)
+    out = ((rgb - mean_t) / std_t).permute(0, 3, 1, 2)
+    height, width = out.shape[-2:]
+    for b, (h, w) in enumerate(np.asarray(valid_hw).tolist()):
+        if h < height:
+            out[b, :, h:, :] = 0
+        if w < width:
+            out[b, :, :, w:] = 0
+    return out
 
 
 def eval_transform(image_bytes: bytes, label_bytes: bytes, p: EvalParams, *,
