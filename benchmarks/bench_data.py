@@ -30,11 +30,17 @@ measured rates). Rates are for 512x1024 crops; a preset with another crop scales
 (R x 512*1024 / crop pixels: the step's cost taken as proportional to pixels, an assumption).
 --from-json recomputes the tables from an earlier --json without measuring again.
 
+Before/after: --compare-transforms OTHER_CHECKOUT loads OTHER_CHECKOUT/ocr_cluster/data/transforms.py
+next to this checkout's and runs both train_transform chains on the same encoded samples (in memory,
+no shards) in one process, alternating for --trials rounds: CPU img/s of each and their ratio, median
+and range (a busy machine slows both sides alike).
+
     .venv/bin/python benchmarks/bench_data.py                       # all presets, local + S3
     .venv/bin/python benchmarks/bench_data.py --preset cityscapes --ray --json out.json
     .venv/bin/python benchmarks/bench_data.py --no-s3 --trials 5 --json data.json
     .venv/bin/python benchmarks/gpu_check.py > gpu.txt              # on a GPU machine
     .venv/bin/python benchmarks/bench_data.py --from-json data.json --gpu-rates gpu.txt
+    .venv/bin/python benchmarks/bench_data.py --compare-transforms ../main --trials 9
 """
 
 from __future__ import annotations
@@ -235,6 +241,53 @@ def _spread(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 1)}
 
 
+def compare_transforms(other: str, presets: list[str], rounds: int) -> dict:
+    """This checkout's train_transform against OTHER's, alternating on the same samples: CPU img/s and ratio."""
+    import importlib.util
+
+    from ocr_cluster.data import codec, transforms
+    from ocr_cluster.data.synth import SynthSpec, render
+
+    spec = importlib.util.spec_from_file_location("baseline_transforms",
+                                                  Path(other) / "ocr_cluster/data/transforms.py")
+    baseline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = baseline  # its dataclasses look their module up
+    spec.loader.exec_module(baseline)
+    out = {}
+    for name in presets:
+        size_hw, fmt, scale, crop, count = PRESETS[name]
+        synth = SynthSpec(classes=8, num_train=count, num_val=1, size_hw=size_hw, image_format=fmt)
+        pairs = []
+        for i in range(min(count, 48)):
+            image, label = render(synth, "train", i)
+            pairs.append((codec.encode_image(image, fmt), codec.encode_label(label)))
+        kwargs = dict(crop_hw=tuple(int(v) for v in crop.split("x")),
+                      scale_wh=tuple(int(v) for v in scale.split("x")), num_classes=8)
+        sides = {"before": (baseline, baseline.TrainParams(**kwargs)),
+                 "after": (transforms, transforms.TrainParams(**kwargs))}
+        rates: dict[str, list[float]] = {"before": [], "after": [], "decode": []}
+        for _ in range(rounds):
+            rates["decode"].append(rate_decode(pairs)[1])
+            for side, (module, params) in sides.items():
+                start = time.process_time()
+                for i, (image, label) in enumerate(pairs):
+                    module.train_transform(image, label, params, module.sample_rng(0, 0, str(i)))
+                rates[side].append(len(pairs) / (time.process_time() - start))
+        ratios = [a / b for a, b in zip(rates["after"], rates["before"])]
+        out[name] = {**{k: _spread(v) for k, v in rates.items()},
+                     "after_over_before": {k: round(v, 3) for k, v in _spread(ratios).items()}}
+        print(json.dumps({name: out[name]}), flush=True)
+    print(f"\ntrain_transform, CPU img/s per core, {rounds} alternating rounds (median [min-max]); before = {other}\n")
+    print("| preset | decode only | before | after | after / before |")
+    print("|---|---:|---:|---:|---:|")
+    for name, row in out.items():
+        cells = [f"{row[k]['median']:.1f} [{row[k]['min']:.0f}-{row[k]['max']:.0f}]"
+                 for k in ("decode", "before", "after")]
+        r = row["after_over_before"]
+        print(f"| {name} | {' | '.join(cells)} | {r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}] |", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all")
@@ -250,7 +303,16 @@ def main() -> int:
                         help="GPU img/s per model: a gpu_rates.json-style file (default: the ASSUMED table) or "
                              "benchmarks/gpu_check.py's saved output (measured)")
     parser.add_argument("--from-json", default=None, help="print the tables from an earlier --json, measure nothing")
+    parser.add_argument("--compare-transforms", default=None, metavar="OTHER_CHECKOUT",
+                        help="only compare train_transform with OTHER_CHECKOUT's (before/after), alternating")
     args = parser.parse_args()
+    if args.compare_transforms:
+        result = compare_transforms(args.compare_transforms, args.preset or list(PRESETS), args.trials)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"compare_transforms": result, "load_avg": os.getloadavg(),
+                                                   "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                                                   "before": args.compare_transforms}, indent=1) + "\n")
+        return 0
     gpu = load_gpu_rates(args.gpu_rates)
     if args.from_json:
         print_tables(json.loads(Path(args.from_json).read_text()), gpu)
