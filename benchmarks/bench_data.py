@@ -275,7 +275,8 @@ def compare_transforms(other: str, presets: list[str], rounds: int) -> dict:
                 rates[side].append(len(pairs) / (time.process_time() - start))
         ratios = [a / b for a, b in zip(rates["after"], rates["before"])]
         out[name] = {**{k: _spread(v) for k, v in rates.items()},
-                     "after_over_before": {k: round(v, 3) for k, v in _spread(ratios).items()}}
+                     "after_over_before": {"median": round(statistics.median(ratios), 3),
+                                           "min": round(min(ratios), 3), "max": round(max(ratios), 3)}}
         print(json.dumps({name: out[name]}), flush=True)
     print(f"\ntrain_transform, CPU img/s per core, {rounds} alternating rounds (median [min-max]); before = {other}\n")
     print("| preset | decode only | before | after | after / before |")
