@@ -125,8 +125,10 @@ def tree_cpu(roots: list[int], label=None) -> dict[int, tuple[str, float]]:
     out, todo = {}, [r for r in roots if r in table]
     while todo:
         pid = todo.pop()
-        _, cpu, cmd = table[pid]
-        out[pid] = ((label or _group)(cmd), cpu)
+        ppid, cpu, cmd = table[pid]
+        # A DataLoader worker is a fork of its rank: the same command line, a rank for a parent.
+        loader = "--plain-worker" in cmd and "--plain-worker" in table.get(ppid, (0, 0, ""))[2]
+        out[pid] = ("data" if loader and label is None else (label or _group)(cmd), cpu)
         todo += children.get(pid, [])
     return out
 
@@ -295,9 +297,12 @@ def measured_run(way: str, tmp: Path, data: Path, head: RayHead, args, index: in
     snaps: dict[int, tuple[float, dict]] = {}
     roots: list[int] = []
 
+    by_kind: dict[int, dict] = {}
+
     def on_iter(it: int, now: float) -> None:
         if it in (args.warmup, args.iters):
             snaps[it] = (now, tree_cpu(roots))
+            by_kind[it] = tree_cpu(roots, kind)
 
     seen: list[str] = []
     load_before = uptime()
@@ -331,13 +336,16 @@ def measured_run(way: str, tmp: Path, data: Path, head: RayHead, args, index: in
     (t0, c0), (t1, c1) = snaps[args.warmup], snaps[args.iters]
     steps = args.iters - args.warmup
     result.update({f"cpu/step {g}": v / steps for g, v in cpu_delta(c0, c1).items()})
+    kinds = cpu_delta(by_kind[args.warmup], by_kind[args.iters])
+    result["top processes, CPU s/step"] = ", ".join(f"{k} {v / steps:.3f}" for k, v in
+                                                   sorted(kinds.items(), key=lambda kv: -kv[1])[:12])
     result["load"] = f"{load_before} -> {uptime()}"
     return result
 
 
 def bench_steps(args, tmp: Path, data: Path, head: RayHead) -> None:
     rows: dict[str, list[dict]] = {"ray": [], "torchrun": []}
-    order = ["ray", "torchrun"]
+    order = args.ways.split(",")
     for i in range(args.repeats):
         for way in (order if i % 2 == 0 else order[::-1]):  # ABBA: neither side always first
             try:
@@ -349,11 +357,12 @@ def bench_steps(args, tmp: Path, data: Path, head: RayHead) -> None:
             print(f"  {way} #{i + 1}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in got.items()), flush=True)
     print(f"\nsteady-state steps {args.warmup}..{args.iters}, median (min-max) over runs:")
-    keys = [k for k in rows["ray"][0] if k != "load"] if rows["ray"] else []
-    for key in dict.fromkeys(keys + [k for r in rows["torchrun"][:1] for k in r if k != "load"]):
+    text = ("load", "top processes, CPU s/step")
+    keys = [k for k in rows["ray"][0] if k not in text] if rows["ray"] else []
+    for key in dict.fromkeys(keys + [k for r in rows["torchrun"][:1] for k in r if k not in text]):
         print(f"  {key:45s} ray {spread([r.get(key, 0.0) for r in rows['ray']])}   "
               f"torchrun {spread([r.get(key, 0.0) for r in rows['torchrun']])}")
-    pairs = list(zip(rows["ray"], rows["torchrun"]))
+    pairs = list(zip(rows["ray"], rows["torchrun"]))  # run i of each way: neighbours in time (ABBA)
     for key in ("step_s", "step_median_s", "rank_cpu_s"):
         ratios = [r[key] / t[key] for r, t in pairs]
         print(f"  ratio ray / torchrun, {key:20s} {spread(ratios)}")
@@ -467,6 +476,7 @@ def main() -> int:
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--loader-workers", type=int, default=1,
                         help="torchrun side: DataLoader worker processes per rank (0: decode on the training thread)")
+    parser.add_argument("--ways", default="ray,torchrun", help="--steps: which sides, in the first round's order")
     parser.add_argument("--warm-jobs", type=int, default=1, help="jobs run on the fresh head before measuring")
     parser.add_argument("--plain-worker", metavar="CELL", help=argparse.SUPPRESS)
     args = parser.parse_args()
