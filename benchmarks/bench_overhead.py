@@ -93,8 +93,13 @@ def _proc_table() -> dict[int, tuple[int, float, str]]:
     return table
 
 
+def _rank(cmd: str) -> bool:
+    """A torchrun rank (this file with --plain-worker), not torchrun's agent, whose command line has it too."""
+    return "--plain-worker" in cmd and "torch.distributed.run" not in cmd
+
+
 def _group(cmd: str) -> str:
-    if "RayTrainWorker" in cmd or "--plain-worker" in cmd:
+    if "RayTrainWorker" in cmd or _rank(cmd):
         return "training ranks"
     if any(s in cmd for s in ("ReadShards", "MapBatches", "SplitCoordinator", "ray::_train_batch",
                               "ray::IDLE", "DataLoader", "ray::ReadDatasource")):
@@ -127,7 +132,7 @@ def tree_cpu(roots: list[int], label=None) -> dict[int, tuple[str, float]]:
         pid = todo.pop()
         ppid, cpu, cmd = table[pid]
         # A DataLoader worker is a fork of its rank: the same command line, a rank for a parent.
-        loader = "--plain-worker" in cmd and "--plain-worker" in table.get(ppid, (0, 0, ""))[2]
+        loader = _rank(cmd) and _rank(table.get(ppid, (0, 0, ""))[2])
         out[pid] = ("data" if loader and label is None else (label or _group)(cmd), cpu)
         todo += children.get(pid, [])
     return out
