@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ocr_cluster import logs, storage
 from ocr_cluster.config import Config, with_dataset
 from ocr_cluster.errors import ReportedFailure, UserInputError
+from ocr_cluster.train import phases
 from ocr_cluster.train.layout import RunLayout, checkpoint_iteration
 
 
@@ -313,9 +314,12 @@ def run(cfg: Config, callbacks=(), in_trial: bool = False) -> int:
     Ray is already up in the trial's process (connect_ray joins nothing), and a failure leaves Ray alone."""
     from ocr_cluster.train.results import completed_row, write_failed
 
+    phases.mark("driver_run")
     start = preflight(absolute_local_paths(cfg))
     cfg, layout = start.config, start.layout
+    phases.mark("preflight")
     done = completed_row(cfg, layout.run_id)
+    phases.mark("results_checked")
     if done is not None:
         print(f"run {layout.run_id} ({cfg.run.name}) is already completed: mIoU {done['miou']} "
               f"(row {done['file']}); not training again", flush=True)
@@ -328,15 +332,18 @@ def run(cfg: Config, callbacks=(), in_trial: bool = False) -> int:
         print("note: no model.pretrained_backbone: training from random initialisation; the published "
               "numbers start from ImageNet weights", flush=True)
     connect_ray(cfg, layout)
+    phases.mark("ray_connected")
     warn_if_no_data_cpus(cfg, layout)
     if not in_trial:  # a trial runs on a cluster node, whose preflight read the data; it may start no other task
         check_cluster_storage(cfg)
+    phases.mark("cluster_checked")
     skip_counter = None
     if cfg.data.skip_bad_samples:  # the training stream's skips, counted by its Ray Data tasks
         from ocr_cluster.data.pipeline import SkipCounter
 
         skip_counter = SkipCounter()
     trainer = build_trainer(cfg, start, skip_counter, callbacks)
+    phases.mark("fit")
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray gave up after max_failures: record it, then one line

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from ocr_cluster.data.pipeline import (Stats, epochs_for, iter_eval, open_datase
                                        train_dataset)
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
-from ocr_cluster.train import checkpoint
+from ocr_cluster.train import checkpoint, phases
 from ocr_cluster.train.clock import RunClock
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
 from ocr_cluster.train.input_errors import bad_input_ends_the_run
@@ -158,6 +159,7 @@ def _gather(value, world: int) -> list:
 
 
 def train_fn_per_worker(loop_config: dict) -> None:
+    phases.mark("worker_fn", rank=ray.train.get_context().get_world_rank())
     logs.train_worker()
     with bad_input_ends_the_run():  # a retry would meet the same bad sample or weights again
         trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"),
@@ -167,7 +169,44 @@ def train_fn_per_worker(loop_config: dict) -> None:
             for it in range(trainer.start_iter, trainer.cfg.schedule.iters):
                 lr = trainer.train_step(it)
                 trainer.after_step(it + 1, lr)
+                if it == trainer.start_iter:
+                    phases.mark("first_step", rank=trainer.rank)
             trainer.finish(clock)
+
+
+class FirstInBackground:
+    """An iterator whose first item is fetched on a thread of its own from the start, so that what the first
+    item waits for (Ray Data's coordinator, read and decode tasks starting) runs while the caller does other
+    work (building the model, DDP's broadcast). Items after the first come from the caller's thread. An
+    exception of the first fetch is raised at the first next()."""
+
+    _END = object()
+
+    def __init__(self, iterator):
+        self._iterator, self._first, self._error = iterator, self._END, None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._iterator, self._END)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, at its first next()
+            self._error = exc
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            return next(self._iterator)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        if self._first is self._END:
+            raise StopIteration
+        first, self._first = self._first, None
+        return first
 
 
 class Trainer:
@@ -180,6 +219,7 @@ class Trainer:
         self.manifest = open_dataset(cfg.data)  # read once: classes for the model, the evaluations and the row
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        phases.mark("manifest", rank=self.rank)
         if self.world != layout.world:
             raise RuntimeError(f"Ray Train started {self.world} workers; the config asks for {layout.world}")
         self.num_nodes = max(1, self.world // max(1, context.get_local_world_size()))
@@ -189,21 +229,28 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         resume = ray.train.get_checkpoint()
         self.resumed_clock: dict | None = None  # the run's clock as of the checkpoint resumed from
+        # A fresh start's stream starts at the beginning: Ray Data starts up and fetches the first batch while
+        # the model is built and DDP broadcasts it. A resume knows its position once the checkpoint is loaded.
+        self.start_iter = 0
+        self.batches = self._batches() if resume is None else None
         model = self._build_model(fresh=resume is None)
+        phases.mark("model_built", rank=self.rank)
         self.loss_weights = dict(model.loss_weights)
         self.model = ray.train.torch.prepare_model(model, move_to_device=self.device,
                                                    parallel_strategy_kwargs=ddp_options(model))
+        phases.mark("ddp", rank=self.rank)
         self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.start_iter = self._resume(resume) if resume is not None else 0
-        if resume is None:
+        if resume is not None:
+            self.start_iter = self._resume(resume)
+            self.batches = self._batches()
+        else:
             torch.manual_seed(worker_seed(cfg.run.seed, self.rank))
 
         self.class_weight = torch.tensor(cfg.loss.class_weight, device=self.device) if cfg.loss.class_weight \
             else None
         self.ohem = (cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept) if cfg.loss.ohem else None
         self.ckpt_every, self.eval_every = intervals(cfg)
-        self.batches = torch_batches(self._train_stream(), layout.micro_batch, device=self.device)
         self.trace = StepTrace(self.rank)
         self.progress = Progress(cfg, layout, self.start_iter, self.rank, images_per_iter=cfg.data.batch_size)
         self.meta = {"run_id": layout.run_id, "backbone": cfg.model.backbone, "head": cfg.model.head,
@@ -237,6 +284,12 @@ class Trainer:
         if self.rank == 0:
             say(f"[{self.layout.run_id}] resumed from the checkpoint at iteration {start_iter}")
         return start_iter
+
+    def _batches(self) -> FirstInBackground:
+        """The training batches from self.start_iter on, the first already on its way."""
+        stream = self._train_stream()
+        phases.mark("stream_split", rank=self.rank)
+        return FirstInBackground(torch_batches(stream, self.layout.micro_batch, device=self.device))
 
     def _train_stream(self):
         """This worker's share of the training stream, from where this attempt starts: the position the
@@ -276,6 +329,8 @@ class Trainer:
         if batch is None:
             raise RuntimeError(f"the training data stream ended at iteration {it}; "
                                "the dataset is too small for this many iterations")
+        if it == self.start_iter:
+            phases.mark("batch", rank=self.rank)
         self.progress.data_wait(time.perf_counter() - wait_start)
         return batch
 

@@ -2,7 +2,9 @@
 
 With OCR_CLUSTER_STEP_TRACE=<local dir> in the workers' environment, every rank appends one JSON line per
 iteration to <dir>/rank<r>.jsonl: the iteration, the keys and a SHA-256 of the images of its micro-batches,
-its loss and lr, and the process id (which attempt wrote it). Unset (the default), nothing is computed.
+its loss and lr, the process id (which attempt wrote it), and when the step ended: `t` (epoch seconds) and
+`cpu` (this process's CPU seconds so far, all its threads), which benchmarks/bench_overhead.py reads for the
+step time of the same loop with and without Ray. Unset (the default), nothing is computed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ class StepTrace:
         if self.path is None:
             return
         line = {"iter": done, "keys": self.keys, "images_sha256": self.digest.hexdigest(), "loss": self.loss,
-                "lr": lr, "pid": os.getpid()}
+                "lr": lr, "pid": os.getpid(), "t": time.time(), "cpu": time.process_time()}
         with self.path.open("a") as out:
             out.write(json.dumps(line) + "\n")
         self.keys, self.digest, self.loss = [], hashlib.sha256(), 0.0
