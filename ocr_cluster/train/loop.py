@@ -26,7 +26,7 @@ from ocr_cluster.data.pipeline import (Stats, epochs_for, iter_eval, open_datase
                                        train_dataset)
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
-from ocr_cluster.train import checkpoint
+from ocr_cluster.train import checkpoint, fastpath
 from ocr_cluster.train.clock import RunClock
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
 from ocr_cluster.train.input_errors import bad_input_ends_the_run
@@ -189,12 +189,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         resume = ray.train.get_checkpoint()
         self.resumed_clock: dict | None = None  # the run's clock as of the checkpoint resumed from
-        model = self._build_model(fresh=resume is None)
-        self.loss_weights = dict(model.loss_weights)
-        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device,
-                                                   parallel_strategy_kwargs=ddp_options(model))
-        self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self._prepare(self._build_model(fresh=resume is None),
+                      wrap=lambda model: ray.train.torch.prepare_model(model, move_to_device=self.device,
+                                                                       parallel_strategy_kwargs=ddp_options(model)))
         self.start_iter = self._resume(resume) if resume is not None else 0
         if resume is None:
             torch.manual_seed(worker_seed(cfg.run.seed, self.rank))
@@ -226,6 +223,17 @@ class Trainer:
         elif fresh and cfg.model.pretrained_backbone:
             load_checkpoint(model, cfg.model.pretrained_backbone, backbone_only=True)
         return model
+
+    def _prepare(self, model: torch.nn.Module, wrap) -> None:
+        """The model made ready to train with the fast-path options (fastpath.prepare: `wrap` is DDP), its
+        optimizer and AMP scaler. `self.model` is what is checkpointed and evaluated, never the compiled
+        wrapper; `self.forward` is what the training step calls."""
+        cfg = self.cfg
+        self.loss_weights = dict(model.loss_weights)
+        self.model, self.forward = fastpath.prepare(model, cfg.cluster, wrap)
+        impl = fastpath.optimizer_impl(cfg.cluster.optimizer_impl, cfg.optimizer.type, self.device.type)
+        self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer, **impl)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
     def _resume(self, resume: ray.train.Checkpoint) -> int:
         """Model, optimizer, scaler and this rank's RNG states from the checkpoint; the iteration to continue at."""
@@ -289,7 +297,7 @@ class Trainer:
             last = step == accum - 1
             no_sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with no_sync, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                outputs = model(batch["image"])
+                outputs = self.forward(fastpath.training_input(batch["image"], cfg.cluster.channels_last))
                 loss, parts = segmentation_loss(outputs, batch["label"], self.loss_weights,
                                                 reduction=cfg.loss.reduction, class_weight=self.class_weight,
                                                 align_corners=cfg.model.align_corners, ohem=self.ohem)
