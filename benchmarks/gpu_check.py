@@ -11,6 +11,13 @@
   d  the training peak memory (loop.TrainingPeak) leaves out an evaluation at 1024x2048
   e  img/s, labelled: training (crop 512x1024, batch 2) and inference (1024x2048, batch 1, with mmseg's
      post-processing: loop.measure_fps) for hrnetv2_w18_small / hrnetv2_w48 + OCR, fp32 and the amp dtype
+  f  the fast path, all of it (cluster.amp auto, channels_last, compile, optimizer_impl fused, cuDNN benchmark):
+     hrnetv2_w48 + OCR at 512x1024, batch 2, through the Trainer's own _prepare and train_step: losses finite,
+     no host sync inside a step (CUDA's sync debug mode set to error), training img/s against fp32 eager
+     (the default options) in alternating rounds, and the compile time (estimated 1-3 minutes)
+  g  SyncBN's real sync path under compile: two gloo ranks on this one GPU, a small conv-BN net with
+     SyncBatchNorm, channels_last and fused SGD, eager and compiled: the same losses (fp32, 1e-4), and how
+     often dynamo breaks the graph at a SyncBatchNorm (pytorch#161302)
 
 Each check prints PASS or FAIL with its numbers; the exit status is 1 when any failed. Without a CUDA device
 it prints "no CUDA device: nothing to check" and exits 0. Results: benchmarks/README.md, "GPU check".
@@ -24,13 +31,17 @@ import socket
 import sys
 import time
 import traceback
+from types import SimpleNamespace
 
 import torch
 
+from ocr_cluster import config
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.train.inference import measure_fps
-from ocr_cluster.train.loop import TrainingPeak, amp_dtype, ddp_options
+from ocr_cluster.train.loop import Trainer, TrainingPeak, amp_dtype, ddp_options
 from ocr_cluster.train.losses import segmentation_loss
+from ocr_cluster.train.progress import Progress
+from ocr_cluster.train.trace import StepTrace
 
 NUM_CLASSES = 19
 CROP, FULL = (512, 1024), (1024, 2048)
@@ -143,6 +154,168 @@ def throughput(device, dtype, quick: bool) -> list[str]:
     return lines
 
 
+FAST = ["cluster.amp=auto", "cluster.channels_last=true", "cluster.compile=true", "cluster.optimizer_impl=fused"]
+EAGER_FP32 = ["cluster.amp=none"]
+
+
+def _trainer(options: list[str], device, batch: dict):
+    """The Trainer's own `_prepare` and `train_step` on hrnetv2_w48 + OCR without Ray (as
+    tests/test_fastpath.py): `options` on top of a one-GPU config, the same device batch at every step, the
+    losses summed on the device by Progress (rank 1: no TensorBoard) and read back only by the caller."""
+    cfg = config.load(overrides=["model.backbone=hrnetv2_w48", "data.batch_size=2", "cluster.num_workers=1",
+                                 "cluster.use_gpu=true", "schedule.iters=100000", "schedule.log_interval=100000",
+                                 *options])
+    trainer = object.__new__(Trainer)
+    trainer.cfg, trainer.device, trainer.rank, trainer.world = cfg, device, 0, 1
+    trainer.dtype = amp_dtype(cfg.cluster.amp, device)
+    trainer.layout = SimpleNamespace(accum_steps=1, run_id="gpu-check")
+    torch.manual_seed(0)
+    trainer._prepare(build_model("hrnetv2_w48", "ocr", NUM_CLASSES, align_corners=False),
+                     wrap=lambda model: model.to(device))
+    trainer.class_weight = trainer.ohem = None
+    trainer.batches = iter(lambda: batch, None)
+    trainer.trace = StepTrace(0)
+    trainer.progress = Progress(SimpleNamespace(schedule=cfg.schedule), trainer.layout, 0, rank=1,
+                                images_per_iter=2)
+    trainer.model.train()
+    return trainer
+
+
+def _timed(trainer, steps: int, start: int) -> float:
+    """img/s of `steps` train_steps: one sync at the end, none inside (as a run between log lines)."""
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for it in range(start, start + steps):
+        trainer.train_step(it)
+    torch.cuda.synchronize()
+    return steps * 2 / (time.perf_counter() - began)
+
+
+def check_fast_path(device, quick: bool) -> str:
+    image = torch.randn(2, 3, *CROP, device=device)
+    batch = {"image": image, "label": torch.randint(0, NUM_CLASSES, (2, *CROP), device=device), "key": ["x", "y"]}
+    torch.backends.cudnn.benchmark = True  # training, as Trainer.start
+    rounds, steps = (1, 5) if quick else (2, 8)
+    eager, fast = _trainer(EAGER_FP32, device, batch), _trainer(FAST, device, batch)
+    began = time.perf_counter()
+    fast.train_step(0)  # compiles
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - began
+    fast.train_step(1)
+    eager.train_step(0)
+    eager.train_step(1)
+    it, speeds = 2, {"eager": [], "fast": []}
+    for _ in range(rounds):  # alternating, so a clock or thermal drift hits both sides
+        speeds["eager"].append(_timed(eager, steps, it))
+        speeds["fast"].append(_timed(fast, steps, it))
+        it += steps
+    torch.cuda.set_sync_debug_mode("error")  # a host sync inside a step raises here
+    try:
+        fast.train_step(it)
+        fast.train_step(it + 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for name, trainer in (("eager", eager), ("fast", fast)):
+        mean = trainer.progress.losses()["loss"]
+        assert torch.isfinite(torch.tensor(mean)), f"{name}: the mean loss is {mean}"
+    assert fast.model is fast.forward._orig_mod and "_orig_mod" not in "".join(fast.model.state_dict())
+    eager_ips, fast_ips = max(speeds["eager"]), max(speeds["fast"])
+    losses = ", ".join(f"{name} {trainer.progress.losses()['loss']:.3f}" for name, trainer in
+                       (("eager", eager), ("fast", fast)))
+    return (f"hrnetv2_w48 + ocr, crop 512x1024, batch 2: fp32 eager {eager_ips:.1f} img/s, fast path "
+            f"({fast.dtype}, channels_last, compile, fused SGD, cudnn benchmark) {fast_ips:.1f} img/s = "
+            f"{fast_ips / eager_ips:.2f}x (best of {rounds} x {steps} steps each; all "
+            f"{', '.join(f'{v:.1f}' for v in speeds['fast'])} vs {', '.join(f'{v:.1f}' for v in speeds['eager'])}); "
+            f"compile + first step {compile_s:.0f} s; mean losses {losses}; no host sync in 2 steps")
+
+
+class _SyncBNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        layers, channels = [], 3
+        for width in (16, 32, 32):
+            layers += [torch.nn.Conv2d(channels, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width),
+                       torch.nn.ReLU()]
+            channels = width
+        self.body = torch.nn.Sequential(*layers, torch.nn.Conv2d(channels, NUM_CLASSES, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _syncbn_rank(rank: int, port: int, out) -> None:
+    """One of two gloo ranks on cuda:0: 3 fused-SGD steps of a SyncBN net, eager then compiled, fp32."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    torch.cuda.set_device(0)
+    torch.backends.cudnn.allow_tf32 = False  # plain fp32: eager and compiled comparable at 1e-4
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        gen = torch.Generator().manual_seed(rank)
+        images = torch.randn(2, 3, 64, 64, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, NUM_CLASSES, (2, 64, 64), generator=gen).cuda()
+        result = {}
+        for name in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = convert_sync_batchnorm(_SyncBNNet()).cuda().to(memory_format=torch.channels_last)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0], **ddp_options(model))
+            forward = torch.compile(ddp) if name == "compiled" else ddp
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+            torch._dynamo.utils.counters.clear()
+            losses = []
+            for _ in range(3):
+                loss = F.cross_entropy(forward(images), labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+            result[name] = [float(v) for v in losses]
+            result[f"{name}_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+            result[f"{name}_mean"] = model.body[1].running_mean.cpu().tolist()
+        out[rank] = result
+    finally:
+        dist.destroy_process_group()
+
+
+def check_syncbn_compiled() -> str:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_syncbn_rank, args=(port, out), nprocs=2, join=True)
+    first, second = out[0], out[1]
+    for rank, got in ((0, first), (1, second)):
+        for e, c in zip(got["eager"], got["compiled"]):
+            assert abs(e - c) <= 1e-4 * abs(e), f"rank {rank}: eager losses {got['eager']}, compiled {got['compiled']}"
+    # SyncBN's running statistics come from both ranks' batches: equal on both ranks, eager or compiled.
+    for name in ("eager", "compiled"):
+        diff = max(abs(a - b) for a, b in zip(first[f"{name}_mean"], second[f"{name}_mean"]))
+        assert diff < 1e-5, f"{name}: the ranks' SyncBN running means differ by {diff}"
+    return (f"2 gloo ranks on one GPU, SyncBN + DDP + channels_last + fused SGD: compiled losses = eager within "
+            f"1e-4 (rank 0: {', '.join(f'{v:.4f}' for v in first['compiled'])}), running means equal over the "
+            f"ranks; graph breaks while compiling: {first['compiled_breaks']} (3 SyncBatchNorm layers)")
+
+
+def _run_checks(checks) -> int:
+    """Runs each (name, check), printing PASS/SKIP/FAIL with its line and seconds; returns the failures."""
+    failed = 0
+    for name, check in checks:
+        start = time.perf_counter()
+        try:
+            result = check()
+            status = "SKIP" if result.startswith("SKIP") else "PASS"
+            seconds = time.perf_counter() - start
+            print(f"{status} {name}: {result.removeprefix('SKIP: ')} ({seconds:.0f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one check's failure: say it, run the others
+            failed += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc(limit=3)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and timed images")
@@ -156,22 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = 3 if args.quick else 5
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}", flush=True)
-    failed = 0
-    checks = [("a amp auto", lambda: check_amp(device, dtype)),
-              ("b training steps", lambda: check_training(device, dtype, steps)),
-              ("c syncbn", lambda: check_syncbn(device, dtype, steps)),
-              ("d training peak", lambda: check_memory(device, dtype, steps))]
-    for name, check in checks:
-        start = time.perf_counter()
-        try:
-            result = check()
-            status = "SKIP" if result.startswith("SKIP") else "PASS"
-            seconds = time.perf_counter() - start
-            print(f"{status} {name}: {result.removeprefix('SKIP: ')} ({seconds:.0f} s)", flush=True)
-        except Exception as exc:  # noqa: BLE001 - one check's failure: say it, run the others
-            failed += 1
-            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
-            traceback.print_exc(limit=3)
+    failed = _run_checks([("a amp auto", lambda: check_amp(device, dtype)),
+                          ("b training steps", lambda: check_training(device, dtype, steps)),
+                          ("c syncbn", lambda: check_syncbn(device, dtype, steps)),
+                          ("d training peak", lambda: check_memory(device, dtype, steps))])
     start = time.perf_counter()
     try:
         print("e throughput (one GPU; mmseg's fps column is inference fp32 at 1024x2048):", flush=True)
@@ -182,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         failed += 1
         print(f"FAIL e throughput: {type(exc).__name__}: {exc}", flush=True)
         traceback.print_exc(limit=3)
+    # Last: compiling takes the longest; the numbers above are out by then.
+    failed += _run_checks([("f fast path", lambda: check_fast_path(device, args.quick)),
+                           ("g syncbn compiled", check_syncbn_compiled)])
     print(f"{'all checks passed' if not failed else f'{failed} check(s) failed'}", flush=True)
     return 1 if failed else 0
 

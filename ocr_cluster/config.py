@@ -174,6 +174,17 @@ class ClusterSection:
     amp: str = choice("auto", ("auto", "bf16", "fp16", "none"),
                       "auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs, "
                       "none on CPU")
+    channels_last: bool = opt(False, "GPU fast path: the model's weights and each training batch in channels-last "
+                                     "(NHWC) memory format, which tensor-core convolutions prefer; same model, "
+                                     "sums in another order", hashed=False)
+    compile: bool = opt(False, "GPU fast path: torch.compile (inductor) of the model for training, after DDP as "
+                               "DDP documents; evaluation and the fps run stay eager (their image sizes vary). "
+                               "The first iteration takes longer (minutes for HRNetV2-W48 + OCR)", hashed=False)
+    optimizer_impl: str = choice("auto", ("auto", "foreach", "fused"),
+                                 "GPU fast path: the optimizer's kernels; auto = torch's choice (foreach on CUDA, a "
+                                 "loop over the parameters on CPU), fused = one kernel per step for all "
+                                 "parameters, which under the fp16 scaler also skips the scaler's host sync; "
+                                 "a torch without it for the device is an error before the run", hashed=False)
     max_failures: int = opt(3, "worker-group restarts before the run fails for good", hashed=False)
     placement_strategy: str = choice("PACK", ("PACK", "SPREAD", "STRICT_SPREAD"),
                                      "how Ray Train places its workers on the nodes; the SLURM launcher sets "

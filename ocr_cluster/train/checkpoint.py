@@ -73,6 +73,26 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     return directory
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping what is this run's setting rather than the saved run's state:
+
+    - the kernels (fused, foreach; cluster.optimizer_impl): load_state_dict would take the saved run's, and a
+      fused optimizer stepped as unfused under the fp16 scaler skips unscaling its gradients;
+    - the memory format (cluster.channels_last): the saved momentum buffers come back contiguous, and torch's
+      fused SGD steps a parameter with a buffer of other strides element by element in memory order, a wrong
+      update without an error (torch 2.13). Each buffer is given its parameter's strides.
+    """
+    kernels = [{key: group[key] for key in ("fused", "foreach") if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, kernels):
+        group.update(kept)
+        for param in group["params"]:
+            per_param = optimizer.state.get(param, {})
+            for key, value in per_param.items():
+                if (torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride()):
+                    per_param[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scaler: torch.amp.GradScaler | None = None, rank: int = 0,
          world: int = 1) -> tuple[int, dict, dict | None]:
@@ -83,7 +103,7 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     directory = Path(directory)
     load_checkpoint(getattr(model, "module", model), str(directory / MODEL_FILE), strict=True)
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     ranks = state.get("rng_ranks") or ([state["rng"]] if "rng" in state else [])

@@ -102,7 +102,8 @@ def _must_exist(key: str, uri: str, target: str, missing: str) -> None:
 def preflight(cfg: Config) -> RunStart:
     """Every check that needs no worker and is not the config's own (config._check), and the config
     resolved for the dataset's manifest (config.with_dataset). Raises TrainSetupError (or DataError, or
-    ConfigError for a pinned data.fingerprint of another dataset) with one line."""
+    ConfigError for a pinned data.fingerprint of another dataset or a fast-path option this torch lacks) with
+    one line."""
     from ocr_cluster.data.errors import DataError
     from ocr_cluster.data.pipeline import open_dataset
     from ocr_cluster.data.shards import check_shard_sizes
@@ -144,6 +145,9 @@ def preflight(cfg: Config) -> RunStart:
         if storage.is_remote(uri):
             bucket = storage.filesystem(uri)[1].split("/", 1)[0]
             _must_exist(key, uri, f"{storage.scheme(uri)}://{bucket}", f"bucket '{bucket}' of {uri} does not exist")
+    from ocr_cluster.train import fastpath
+
+    fastpath.check(cfg.cluster, cfg.optimizer.type)  # a fused optimizer or torch.compile this torch lacks
     layout = RunLayout.from_config(cfg)
     start = RunStart(cfg, layout, num_classes, manifest, latest_checkpoint_iter(layout))
     if start.start_iter == 0:  # the weights a fresh start loads (a resume loads its checkpoint instead)

@@ -27,7 +27,7 @@ from ocr_cluster.data.pipeline import (Stats, epochs_for, iter_eval, open_datase
                                        train_dataset)
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
-from ocr_cluster.train import checkpoint, phases
+from ocr_cluster.train import checkpoint, fastpath, phases
 from ocr_cluster.train.clock import RunClock
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
 from ocr_cluster.train.input_errors import bad_input_ends_the_run
@@ -235,12 +235,9 @@ class Trainer:
         self.batches = self._batches() if resume is None else None
         model = self._build_model(fresh=resume is None)
         phases.mark("model_built", rank=self.rank)
-        self.loss_weights = dict(model.loss_weights)
-        self.model = ray.train.torch.prepare_model(model, move_to_device=self.device,
-                                                   parallel_strategy_kwargs=ddp_options(model))
+        self._prepare(model, wrap=lambda model: ray.train.torch.prepare_model(
+            model, move_to_device=self.device, parallel_strategy_kwargs=ddp_options(model)))
         phases.mark("ddp", rank=self.rank)
-        self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         if resume is not None:
             self.start_iter = self._resume(resume)
             self.batches = self._batches()
@@ -273,6 +270,17 @@ class Trainer:
         elif fresh and cfg.model.pretrained_backbone:
             load_checkpoint(model, cfg.model.pretrained_backbone, backbone_only=True)
         return model
+
+    def _prepare(self, model: torch.nn.Module, wrap) -> None:
+        """The model made ready to train with the fast-path options (fastpath.prepare: `wrap` is DDP), its
+        optimizer and AMP scaler. `self.model` is what is checkpointed and evaluated, never the compiled
+        wrapper; `self.forward` is what the training step calls."""
+        cfg = self.cfg
+        self.loss_weights = dict(model.loss_weights)
+        self.model, self.forward = fastpath.prepare(model, cfg.cluster, wrap)
+        impl = fastpath.optimizer_impl(cfg.cluster.optimizer_impl, cfg.optimizer.type, self.device.type)
+        self.optimizer = build_optimizer(getattr(self.model, "module", self.model), cfg.optimizer, **impl)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
     def _resume(self, resume: ray.train.Checkpoint) -> int:
         """Model, optimizer, scaler and this rank's RNG states from the checkpoint; the iteration to continue at."""
@@ -344,7 +352,7 @@ class Trainer:
             last = step == accum - 1
             no_sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with no_sync, torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                outputs = model(batch["image"])
+                outputs = self.forward(fastpath.training_input(batch["image"], cfg.cluster.channels_last))
                 loss, parts = segmentation_loss(outputs, batch["label"], self.loss_weights,
                                                 reduction=cfg.loss.reduction, class_weight=self.class_weight,
                                                 align_corners=cfg.model.align_corners, ohem=self.ohem)

@@ -12,8 +12,9 @@ from torch import nn
 from ocr_cluster.config import OptimizerSection, ScheduleSection
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerSection) -> torch.optim.Optimizer:
-    """Backbone parameters at lr, everything else at lr * head_lr_mult (weight decay on all, as mmseg)."""
+def build_optimizer(model: nn.Module, cfg: OptimizerSection, **impl) -> torch.optim.Optimizer:
+    """Backbone parameters at lr, everything else at lr * head_lr_mult (weight decay on all, as mmseg).
+    `impl`: the kernels, `foreach=True` or `fused=True` (fastpath.optimizer_impl); torch's choice when empty."""
     backbone = getattr(model, "backbone", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     groups = [
@@ -24,8 +25,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection) -> torch.optim.Opti
     for group in groups:
         group["lr"] = cfg.lr * group["lr_mult"]
     if cfg.type == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               **impl)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
 
 
 def lr_at(it: int, base_lr: float, cfg: ScheduleSection) -> float:
