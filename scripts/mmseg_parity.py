@@ -74,9 +74,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC_JSON = REPO.parent / "shared" / "reference" / "mmseg_state_dicts.json"
-if not SPEC_JSON.exists():  # a checkout with shared/ inside it
-    SPEC_JSON = REPO / "shared" / "reference" / "mmseg_state_dicts.json"
+def _spec_json() -> Path:
+    """shared/reference/mmseg_state_dicts.json beside the checkout, inside it, or beside the main
+    checkout of a `git worktree` (whose .git is a file naming <main>/.git/worktrees/<name>)."""
+    candidates = [REPO.parent, REPO]
+    git = REPO / ".git"
+    if git.is_file() and git.read_text().startswith("gitdir:"):
+        candidates.append(Path(git.read_text().split(":", 1)[1].strip()).parents[2].parent)
+    paths = [c / "shared" / "reference" / "mmseg_state_dicts.json" for c in candidates]
+    return next((p for p in paths if p.exists()), paths[0])
+
+
+SPEC_JSON = _spec_json()
 
 # mmseg model name -> (our backbone, our head, num_classes). Options for build_model are
 # passed as --option key=value on the command line when needed.

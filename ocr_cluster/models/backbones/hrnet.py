@@ -129,7 +129,7 @@ class HRModule(nn.Module):
         outs = []
         for i, row in enumerate(self.fuse_layers):
             size = xs[i].shape[2:]
-            y = None
+            y, owned = None, False  # owned: y is a tensor made here, safe to add into in place (as mmseg)
             for j, x in enumerate(xs):
                 if j == i:
                     z = x
@@ -141,7 +141,12 @@ class HRModule(nn.Module):
                         z = resize(layer(x), size, align_corners=False)
                 else:
                     z = row[j](x)
-                y = z if y is None else y + z
+                if y is None:
+                    y, owned = z, j != i  # xs[i] itself is still read by the other rows
+                elif owned:
+                    y += z
+                else:
+                    y, owned = y + z, True
             outs.append(self.relu(y))
         return outs
 

@@ -47,7 +47,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out += identity  # in place, as mmseg: the BN output is not kept for backward; no extra tensor
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -74,7 +75,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place, as mmseg: the BN output is not kept for backward; no extra tensor
+        return self.relu(out)
 
 
 def init_weights(backbone: nn.Module, zero_init_residual: bool) -> None:
