@@ -167,6 +167,7 @@ def _trainer(options: list[str], device, batch: dict):
                                  *options])
     trainer = object.__new__(Trainer)
     trainer.cfg, trainer.device, trainer.rank, trainer.world = cfg, device, 0, 1
+    trainer.start_iter = 0  # train_step marks the first batch of an attempt
     trainer.dtype = amp_dtype(cfg.cluster.amp, device)
     trainer.layout = SimpleNamespace(accum_steps=1, run_id="gpu-check")
     torch.manual_seed(0)

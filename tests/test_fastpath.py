@@ -82,6 +82,7 @@ def _trainer(*overrides: str, accum: int = 1, wrap=None, start: int = 0, model=N
                                  *overrides])
     trainer = object.__new__(Trainer)
     trainer.cfg, trainer.device, trainer.dtype, trainer.rank, trainer.world = cfg, torch.device("cpu"), None, 0, 1
+    trainer.start_iter = 0  # train_step marks the first batch of an attempt
     trainer.layout = SimpleNamespace(accum_steps=accum)
     torch.manual_seed(0)
     trainer._prepare(model or TinySegmentor(), wrap=wrap or (lambda m: m))
