@@ -197,8 +197,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(json.dumps({**report.__dict__, "complete": report.complete}, indent=2, default=str))
         return 0 if report.complete else 1
     print(f"sweep {report.sweep}: {len(report.completed)}/{report.expected} completed, {len(report.missing)} "
-          f"missing, {len(report.failed)} failed, {len(report.stopped)} stopped early, {len(report.duplicated)} "
-          f"duplicated, {len(report.unexpected)} not in the manifest")
+          f"missing, {len(report.failed)} failed, "
+          + (f"{len(report.stopped)} stopped early, " if report.stopped else "")
+          + f"{len(report.duplicated)} duplicated, {len(report.unexpected)} not in the manifest")
     for run_id in report.missing:
         print(f"missing     {run_id}")
     for row in report.failed:
