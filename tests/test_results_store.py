@@ -106,7 +106,7 @@ def test_bad_rows_are_one_line_errors_and_write_nothing(tmp_path):
     store = str(tmp_path)
     cases = [
         ({"mIoU": 77.0}, r"unknown result columns: mIoU \(did you mean 'miou'\?\)"),
-        ({"status": "done"}, "status: expected one of completed, failed, got 'done'"),
+        ({"status": "done"}, "status: expected one of completed, failed, stopped, got 'done'"),
         ({"miou": 0.7772 * 1000}, r"miou: expected a percentage in \[0, 100\]"),
         ({"batch_size": "eight"}, "batch_size: 'eight' is not a valid int32"),
         ({"started_at": "yesterday"}, "started_at: expected a datetime"),
@@ -344,6 +344,28 @@ def test_reconcile_missing_failed_duplicated_unexpected(tmp_path):
     text = tmp_path.parent / f"{tmp_path.name}-manifest.txt"
     text.write_text(f"# expected\n{done.run_id}\n{twice.run_id}\n")
     assert reconcile(store, "grid", str(text)).complete
+
+
+def test_stopped_rows_are_their_own_status_never_completed(tmp_path):
+    """A cell stopped early (a Tune sweep's ASHA) has a stopped row: read as the run's row until a completed
+    attempt exists, listed by reconcile as stopped, never as completed (and not as failed)."""
+    store = str(tmp_path)
+    stopped, resumed = cell("hrnetv2_w18", **{"run.sweep": "grid"}), cell("hrnetv2_w48", **{"run.sweep": "grid"})
+    write_run(store, row_from_config(stopped, status="stopped", attempt=1, miou=3.5, iters_done=4000,
+                                     error="stopped early by ASHA at iteration 4000 of 40000"))
+    write_run(store, row_from_config(resumed, status="stopped", attempt=1, miou=30.0, iters_done=4000))
+    write_run(store, row_from_config(resumed, status="completed", attempt=2, miou=77.0, iters_done=40000))
+    runs = {r["run_id"]: r for r in read_runs(store).to_pylist()}
+    assert (runs[stopped.run_id]["status"], runs[stopped.run_id]["iters_done"]) == ("stopped", 4000)
+    assert runs[resumed.run_id]["status"] == "completed"
+    assert read_runs(store, status="completed")["run_id"].to_pylist() == [resumed.run_id]
+    write_sweep_manifest(store, "grid", [stopped.run_id, resumed.run_id])
+    report = reconcile(store, "grid")
+    assert report.completed == [resumed.run_id] and not report.failed
+    assert [(r["run_id"], r["iters_done"], r["miou"]) for r in report.stopped] == [(stopped.run_id, 4000, 3.5)]
+    assert report.complete  # nothing left to run: the stopped cell ended by the sweep's decision
+    with pytest.raises(RowError, match="status: expected one of completed, failed, stopped"):
+        write_run(store, row_from_config(stopped, status="halted"))
 
 
 @pytest.mark.s3

@@ -195,6 +195,13 @@ def test_bad_value_names_the_cell_and_the_choices(tmp_path):
     ("backend:\n  slurm: {partiton: gpu}\n", "unknown key 'backend.slurm.partiton' (did you mean 'partition'?)"),
     ("backend:\n  slurm: {time: 3 days}\n", "backend.slurm.time: expected an sbatch time"),
     ("backend:\n  slurm: {sbatch: [exclusive]}\n", "backend.slurm.sbatch: expected long options"),
+    ("backend:\n  ray: {early_stopping: {grace_period: -1}}\n", "backend.ray.early_stopping.grace_period: expected "
+     "iterations >= 0"),
+    ("backend:\n  ray: {early_stopping: {reduction_factor: 1}}\n",
+     "backend.ray.early_stopping.reduction_factor: expected a number > 1"),
+    ("backend:\n  ray: {early_stopping: {grace_perod: 2}}\n",
+     "unknown key 'backend.ray.early_stopping.grace_perod' (did you mean 'grace_period'?)"),
+    ("backend:\n  ray: {early_stopping: {grace_period: two}}\n", "backend.ray.early_stopping.grace_period: expected"),
     ("axes:\n  optimizer.lr: [0.01, 0.02]\n",
      "two cells are named ocrnet_hr18s_2xb4-300_synthetic-128x128 but differ in optimizer.lr"),
     ("axes:\n  cluster.num_workers: [2, 4]\n", "train the same thing"),
@@ -202,6 +209,21 @@ def test_bad_value_names_the_cell_and_the_choices(tmp_path):
 ])
 def test_format_errors(tmp_path, body, expected):
     assert expected in error_of(grid(tmp_path, body))
+
+
+@pytest.mark.parametrize("given, enabled, grace, factor", [
+    (None, False, 0, 4.0),                                   # off by default
+    ({"grace_period": 200}, True, 200, 4.0),                 # a mapping turns it on
+    ({"reduction_factor": 3, "enabled": False}, False, 0, 3.0),
+    (True, True, 0, 4.0),
+])
+def test_early_stopping_option(tmp_path, given, enabled, grace, factor):
+    import yaml
+
+    body = "" if given is None else "backend:\n  ray: " + yaml.safe_dump({"early_stopping": given},
+                                                                          default_flow_style=True)
+    stopping = load(grid(tmp_path, body)).backend.ray.early_stopping
+    assert (stopping.enabled, stopping.grace_period, stopping.reduction_factor) == (enabled, grace, factor)
 
 
 def test_missing_base_and_bad_yaml(tmp_path):

@@ -81,6 +81,17 @@ def job_logs(ray_cluster, job_id: str) -> str:
     return JobSubmissionClient(ray_cluster.dashboard_url).get_job_logs(job_id)
 
 
+def dashboard_up(ray_cluster) -> bool:
+    """The head's job API answers (a head just started on a loaded machine can take minutes)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
+        return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -175,3 +186,107 @@ def test_ray_backend_without_a_cluster_is_one_line(tmp_path, cli, monkeypatch, s
     out = sweep(cli, "launch", grid, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "no Ray cluster for --backend ray" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_early_stopping_stops_a_hopeless_cell_with_its_own_row(ray_cluster, s3, synth_uri, cli, tmp_path,
+                                                               monkeypatch):
+    """ASHA on the eval mIoU (backend.ray.early_stopping), one trial at a time: the good cell (lr 0.01: the
+    dominant class, mIoU ~20 at iteration 2) reaches the first rung first; the hopeless one (lr 1e-9: the
+    initial model, mIoU ~2) is stopped there, at iteration 2 of 40. Its trial ends without an error, its
+    checkpoint stays, its row says stopped (never completed); status, reconcile and a relaunch agree."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    root = s3.url("asha")
+    store = f"{root}/results"
+    body = {
+        "name": "tiny-asha",
+        "base": str(REPO / "jobs" / "quickstart.yaml"),
+        "set": {
+            "data": {"uri": synth_uri, "crop_size": "64x64", "scale": "64x64", "batch_size": 2},
+            "schedule": {"checkpoint_interval": 2, "log_interval": 2},
+            "evaluation": {"interval": 2, "fps_images": 4},
+            "cluster": {"num_workers": 1},
+            "storage": {"checkpoint_uri": f"{root}/runs"},
+            "results": {"store_uri": store},
+        },
+        "axes": {"cell": {"good": {"schedule.iters": 4},
+                          "hopeless": {"schedule.iters": 40, "optimizer.lr": 1.0e-9}}},
+        "backend": {"default": "ray",
+                    "ray": {"address": ray_cluster.dashboard_url, "max_concurrent_trials": 1,
+                            "early_stopping": {"grace_period": 2, "reduction_factor": 2}}},
+    }
+    grid = tmp_path / "asha.yaml"
+    grid.write_text(yaml.safe_dump(body, sort_keys=False))
+    from ocr_cluster.sweep.grid import load
+    from ocr_cluster.sweep.launch import prepare
+    from ocr_cluster.sweep.status import progress
+
+    good, hopeless = prepare(load(grid), None)
+    assert hopeless.config.schedule.iters == 40 and hopeless.config.optimizer.lr == 1e-9
+
+    wait_for(lambda: dashboard_up(ray_cluster), 600, "the Ray head's job API", interval=5)
+    first = sweep(cli, "launch", grid, "--with-secrets", "--wait", "--interval", "3", timeout=900)
+    assert "as Ray job" in first.stdout, first.stdout + first.stderr
+    job = job_id_of(first.stdout)
+    log = job_logs(ray_cluster, job)
+    (tmp_path / "job.log").write_text(log)
+    assert first.returncode == 0, first.stdout + first.stderr + log[-4000:]
+    wait_for(lambda: job_status(ray_cluster, job) == "SUCCEEDED", 300, "the sweep job's end")
+    log = job_logs(ray_cluster, job)
+    (tmp_path / "job.log").write_text(log)  # kept with a failed test's tmp_path
+    assert "early stopping (ASHA on eval mIoU: grace_period 2, reduction_factor 2)" in log, log[-4000:]
+    assert "1 stopped early" in log, log[-4000:]
+
+    by_run: dict[str, list[dict]] = {}
+    for row in rows(store):
+        by_run.setdefault(row["run_id"], []).append(row)
+    assert [r["status"] for r in by_run[good.run_id]] == ["completed"], by_run
+    assert by_run[good.run_id][0]["iters_done"] == 4
+    stopped = by_run[hopeless.run_id]
+    assert [r["status"] for r in stopped] == ["stopped"], stopped  # and never a completed row
+    row = stopped[0]
+    assert row["iters_done"] == 2 < row["iters"] == 40, row
+    assert row["miou"] is not None and row["miou"] < by_run[good.run_id][0]["miou"], row
+    assert "stopped early by ASHA at iteration 2 of 40" in row["error"], row
+    assert row["launcher"] == "tune" and row["scheduler_job_id"] == job and row["sweep"] == "tiny-asha", row
+    assert progress(hopeless.config, hopeless.run_id)[0] >= 2  # its checkpoint stays
+
+    final = states(cli, grid)
+    assert final[good.run_id]["state"] == "completed", final
+    assert final[hopeless.run_id]["state"] == "stopped", final
+    assert "stopped early at iter 2/40" in final[hopeless.run_id]["detail"], final
+    shown = sweep(cli, "status", grid, timeout=120)
+    assert shown.returncode == 0, shown.stdout + shown.stderr  # every cell ended: completed or kept stopped
+    assert "stopped" in shown.stdout
+
+    report = cli("results", "reconcile", "--store", store, "--sweep", "tiny-asha", timeout=120)
+    assert "1/2 completed" in report.stdout and "1 stopped early" in report.stdout, report.stdout + report.stderr
+    assert f"stopped     {hopeless.run_id}" in report.stdout, report.stdout
+
+    again = sweep(cli, "launch", grid, "--with-secrets", timeout=180)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    assert "1 stopped early" in again.stdout, again.stdout
+    rerun = sweep(cli, "launch", grid, "--rerun-stopped", "--dry-run", timeout=180)
+    assert rerun.returncode == 0 and "would submit 1 of 2" in rerun.stdout and hopeless.run_id in rerun.stdout, \
+        rerun.stdout + rerun.stderr
+    assert len(rows(store)) == 2  # nothing trained again
+
+
+def test_asha_settings_follow_the_cells(tmp_path):
+    """Offline: ASHA's clock is the iteration; grace_period 0 = the first evaluation every cell reports (one
+    that falls on a checkpoint); max_t past the longest cell; a cell with no such evaluation is named."""
+    from ocr_cluster.sweep.grid import load
+    from ocr_cluster.sweep.tune import asha_settings
+
+    body = {"base": str(REPO / "jobs" / "quickstart.yaml"),
+            "set": {"schedule.checkpoint_interval": 20, "evaluation.interval": 30},
+            "axes": {"schedule.iters": [100, 300, 50]}}
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump(body))
+    cells = load(grid).cells()
+    settings, notes = asha_settings({"enabled": True, "grace_period": 0, "reduction_factor": 3.0}, cells)
+    assert settings == {"time_attr": "iter", "metric": "mIoU", "mode": "max", "grace_period": 60,
+                        "reduction_factor": 3.0, "max_t": 301}
+    assert len(notes) == 1 and "cannot stop 1 cell(s)" in notes[0] and "-50_" in notes[0]  # 60 >= 50 iters
+    assert asha_settings({"enabled": False, "grace_period": 0, "reduction_factor": 3.0}, cells) == (None, [])
+    off, why = asha_settings({"enabled": True, "grace_period": 400, "reduction_factor": 3.0}, cells)
+    assert off is None and "past every cell's last iteration" in why[-1]

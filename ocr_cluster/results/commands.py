@@ -197,13 +197,18 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         print(json.dumps({**report.__dict__, "complete": report.complete}, indent=2, default=str))
         return 0 if report.complete else 1
     print(f"sweep {report.sweep}: {len(report.completed)}/{report.expected} completed, {len(report.missing)} "
-          f"missing, {len(report.failed)} failed, {len(report.duplicated)} duplicated, "
-          f"{len(report.unexpected)} not in the manifest")
+          f"missing, {len(report.failed)} failed, "
+          + (f"{len(report.stopped)} stopped early, " if report.stopped else "")
+          + f"{len(report.duplicated)} duplicated, {len(report.unexpected)} not in the manifest")
     for run_id in report.missing:
         print(f"missing     {run_id}")
     for row in report.failed:
         error = (row.get("error") or "").strip().splitlines()
         print(f"failed      {row['run_id']}  attempt {row['attempt']}: {error[-1] if error else 'no error recorded'}")
+    for row in report.stopped:
+        miou = f", eval mIoU {row['miou']:.2f}" if row.get("miou") is not None else ""
+        print(f"stopped     {row['run_id']}  attempt {row['attempt']}: at iter {row.get('iters_done')}/"
+              f"{row.get('iters')}{miou}")
     for dup in report.duplicated:
         print(f"duplicated  {dup['run_id']}  {dup['completed_attempts']} completed attempts")
     for run_id in report.unexpected:
@@ -224,7 +229,7 @@ HELP = {
     "table": "tables in the seeds' format (one row per run), or a pivot with --cols",
     "show": "one run in full: every field, per-class IoU, attempts and config",
     "plot": "plot a metric against a field, one line per group",
-    "reconcile": "missing / failed / duplicated cells of a sweep (exit 1 while incomplete)",
+    "reconcile": "missing / failed / stopped / duplicated cells of a sweep (exit 1 while any is missing or failed)",
     "compact": "write a fresh read index of the store (speeds up later queries)",
 }
 

@@ -55,11 +55,14 @@ class Report:
     completed: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)            # no attempt at all
     failed: list[dict[str, Any]] = field(default_factory=list)  # attempts, none completed: latest one
+    stopped: list[dict[str, Any]] = field(default_factory=list)  # none completed, the latest stopped early (ASHA)
     duplicated: list[dict[str, Any]] = field(default_factory=list)  # more than one completed attempt
     unexpected: list[str] = field(default_factory=list)         # in the sweep's partition, not in the manifest
 
     @property
     def complete(self) -> bool:
+        """Nothing missing or failed. Stopped cells are not completed (nor counted so), but the sweep's
+        early stopping ended them: nothing is left to run for them."""
         return not self.missing and not self.failed
 
 
@@ -79,8 +82,8 @@ def reconcile(store_uri: str, sweep: str, manifest: str | None = None) -> Report
     by_id: dict[str, list[dict]] = {}
     for row in rows:
         by_id.setdefault(row["run_id"], []).append(row)
-    chosen = {r["run_id"]: r for r in latest(attempts).select(["run_id", "attempt", "status", "error",
-                                                                "file"]).to_pylist()}
+    chosen = {r["run_id"]: r for r in latest(attempts).select(["run_id", "attempt", "status", "error", "file",
+                                                                "miou", "iters_done", "iters"]).to_pylist()}
     report = Report(sweep, len(expected))
     for run_id in expected:
         if run_id not in by_id:
@@ -88,7 +91,7 @@ def reconcile(store_uri: str, sweep: str, manifest: str | None = None) -> Report
             continue
         done = [r for r in by_id[run_id] if r["status"] == "completed"]
         if not done:
-            report.failed.append(chosen[run_id])
+            (report.stopped if chosen[run_id]["status"] == "stopped" else report.failed).append(chosen[run_id])
             continue
         report.completed.append(run_id)
         if len(done) > 1:

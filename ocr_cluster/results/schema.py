@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 2: skipped_samples; 3: total_time_s; 4: launcher, scheduler_job_id, restart_count
+SCHEMA_VERSION = 5  # 2: skipped_samples; 3: total_time_s; 4: launcher, scheduler_job_id, restart_count; 5: iters_done
 
-STATUSES = ("completed", "failed")
+# completed: trained to the end; failed: gave up; stopped: ended early by the sweep's early stopping (ASHA),
+# its miou the last evaluation's at iters_done; never counted as completed.
+STATUSES = ("completed", "failed", "stopped")
 
 UTC_US = pa.timestamp("us", tz="UTC")
 
@@ -71,6 +73,9 @@ SCHEMA = pa.schema([
     ("launcher", pa.string()),            # "slurm", "ray-job", "ray" (a driver that joins), "local"; null: unknown
     ("scheduler_job_id", pa.string()),    # e.g. the SLURM job id "1234_5" or the Ray job submission id
     ("restart_count", pa.int32()),        # scheduler requeues before this attempt (SLURM_RESTART_COUNT)
+    # how far it trained (version 5)
+    ("iters_done", pa.int64()),           # iterations trained when the row was written: iters for a completed
+                                          # run, fewer for a stopped one (its miou is that iteration's eval)
 ], metadata={"ocr_cluster.schema_version": str(SCHEMA_VERSION)})
 
 COLUMNS = tuple(SCHEMA.names)

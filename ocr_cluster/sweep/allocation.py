@@ -48,13 +48,13 @@ def cmd_launch(args: argparse.Namespace, grid: Grid) -> int:
     from ocr_cluster.sweep import records, slurm, tune
     from ocr_cluster.sweep.ray_backend import _write_manifest, write_cells
     from ocr_cluster.sweep.ray_head import TOKEN_VAR
-    from ocr_cluster.sweep.status import COMPLETED
     from ocr_cluster.sweep.task import SweepTask
 
     shape = allocation_shape(grid, grid.cells())
     if not args.dry_run:
         slurm.check_cluster(grid.backend.slurm.partition)
-    launch = cells_to_submit(grid, args.store, ask_slurm=slurm.available())
+    launch = cells_to_submit(grid, args.store, ask_slurm=slurm.available(),
+                             rerun_stopped=getattr(args, "rerun_stopped", False))
     for note in launch.notes:
         print(f"warning: {note}", file=sys.stderr)
     statuses, todo = launch.statuses, launch.todo
@@ -98,7 +98,7 @@ def cmd_launch(args: argparse.Namespace, grid: Grid) -> int:
     print(f"follow it with: ocr-cluster sweep status {args.grid}" + (f" --store {args.store}" if args.store else ""))
     if not args.wait:
         return 0
-    from ocr_cluster.sweep.slurm_commands import follow
+    from ocr_cluster.sweep.slurm_commands import all_ended, follow
 
     statuses = follow(grid, launch.cells, args.interval, only={s.cell.run_id for s in todo})
-    return 0 if all(s.state == COMPLETED for s in statuses) else 1
+    return 0 if all_ended(grid, statuses) else 1

@@ -4,7 +4,8 @@ like the job config (ocr_cluster.config): unknown keys and wrong types fail with
     backend:
       default: slurm                        # what `sweep launch` uses without --backend: slurm | ray | slurm-ray
       slurm: {partition: gpu, gpus_per_node: 8, time: "2-00:00:00", array_parallelism: 16}
-      ray: {address: "http://head:8265", max_concurrent_trials: 4}
+      ray: {address: "http://head:8265", max_concurrent_trials: 4,
+            early_stopping: {grace_period: 4000, reduction_factor: 3}}   # ASHA; off unless given
 
 The SLURM launcher (submitit job arrays), the Ray Tune backend (ocr_cluster.sweep.tune) and Tune inside
 one SLURM allocation (ocr_cluster.sweep.allocation: backend.slurm sizes it, backend.ray runs it) read these;
@@ -41,6 +42,20 @@ class SlurmBackend:
 
 
 @dataclass
+class EarlyStopping:
+    """ASHA (Tune's AsyncHyperBandScheduler) on the cells' periodic eval mIoU, the training iteration as its
+    clock: at each rung (grace_period x reduction_factor^k iterations) a cell whose mIoU is below the
+    (1 - 1/reduction_factor) quantile of the cells that reached that rung before it is stopped. Only
+    evaluations that fall on a checkpoint reach Tune (those are what Ray Train reports)."""
+
+    enabled: bool = opt(False, "stop hopeless cells early (an `early_stopping:` mapping in the file turns it on)")
+    grace_period: int = opt(0, "iterations a cell trains before it can be stopped (ASHA's first rung); 0 = the "
+                               "first iteration at which every cell has reported an evaluation")
+    reduction_factor: float = opt(4.0, "> 1: rungs are grace_period x reduction_factor^k iterations apart, and "
+                                       "a cell must be in the top 1/reduction_factor at a rung to go on")
+
+
+@dataclass
 class RayBackend:
     address: str = opt("", "Ray cluster's dashboard (http://head:8265) for the Ray Tune backend; empty = "
                            "--address or RAY_ADDRESS")
@@ -48,6 +63,7 @@ class RayBackend:
     trial_cpus: float = opt(0.1, "CPUs a cell's Tune trial holds besides its Ray Train workers (it only waits)")
     experiment_uri: str = opt("", "where Tune keeps the sweep's experiment state (shared by every node); "
                                   "empty = <first cell's storage.checkpoint_uri>/_tune/<sweep>")
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
 
 
 @dataclass
@@ -80,10 +96,30 @@ def _check(backend: Backend) -> None:
         raise ConfigError(f"backend.ray.max_concurrent_trials: must be >= 0, got {backend.ray.max_concurrent_trials}")
     if backend.ray.trial_cpus < 0:
         raise ConfigError(f"backend.ray.trial_cpus: must be >= 0, got {backend.ray.trial_cpus}")
+    stopping = backend.ray.early_stopping
+    if stopping.grace_period < 0:
+        raise ConfigError(f"backend.ray.early_stopping.grace_period: expected iterations >= 0 (0 = the cells' "
+                          f"first evaluation), got {stopping.grace_period}")
+    if not stopping.reduction_factor > 1:
+        raise ConfigError(f"backend.ray.early_stopping.reduction_factor: expected a number > 1 (ASHA keeps the "
+                          f"top 1/reduction_factor at each rung), got {stopping.reduction_factor:g}")
+
+
+def _early_stopping_on(data: Any) -> Any:
+    """`early_stopping: {...}` turns it on unless it says `enabled: false`; `early_stopping: true` too."""
+    ray = data.get("ray") if isinstance(data, dict) else None
+    if not isinstance(ray, dict) or "early_stopping" not in ray:
+        return data
+    given = ray["early_stopping"]
+    if isinstance(given, bool):
+        given = {"enabled": given}
+    elif isinstance(given, dict) and "enabled" not in given:
+        given = {"enabled": True, **given}
+    return {**data, "ray": {**ray, "early_stopping": given}}
 
 
 def from_dict(data: Any) -> Backend:
     """A Backend from the grid's `backend:` mapping (None = all defaults); ConfigError on bad input."""
-    backend = config._build(Backend, {} if data is None else data, "backend")
+    backend = config._build(Backend, {} if data is None else _early_stopping_on(data), "backend")
     _check(backend)
     return backend

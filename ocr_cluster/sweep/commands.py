@@ -51,10 +51,10 @@ def _hours(value: float | None) -> str:
 
 
 def _state(row) -> str:
-    from ocr_cluster.sweep.plan import COMPLETED, UNREAD
+    from ocr_cluster.sweep.plan import COMPLETED, STOPPED, UNREAD
 
-    if row.state == COMPLETED:
-        return f"completed {row.miou:.2f}" if row.miou is not None else "completed"
+    if row.state in (COMPLETED, STOPPED):
+        return f"{row.state} {row.miou:.2f}" if row.miou is not None else row.state
     if row.state == UNREAD:
         return "?"
     return row.state or "-"
@@ -62,7 +62,8 @@ def _state(row) -> str:
 
 def _footer(total: dict) -> str:
     text = (f"{total['cells']} cells: {total['completed']} completed, {total['failed']} failed, "
-            f"{total['not_in_store']} not in the store")
+            + (f"{total['stopped']} stopped early, " if total["stopped"] else "")
+            + f"{total['not_in_store']} not in the store")
     if total["unread"]:
         text += f", {total['unread']} unknown (store not read)"
     if total["without_estimate"] == total["cells"]:

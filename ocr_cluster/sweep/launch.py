@@ -29,7 +29,8 @@ from ocr_cluster.config import Config
 from ocr_cluster.sweep import records, slurm
 from ocr_cluster.sweep.grid import Cell, Grid, SweepError, resolve
 from ocr_cluster.sweep.ray_head import TOKEN_VAR
-from ocr_cluster.sweep.status import COMPLETED, LIVE, UNREAD, CellStatus, cell_states, with_store
+from ocr_cluster.sweep.status import (COMPLETED, LIVE, STOPPED, UNREAD, CellStatus, cell_states, ended, keeps_stopped,
+                                      with_store)
 
 DEFAULT_FOLDER = "sweeps_runs"
 
@@ -51,7 +52,9 @@ class Launch:
     def counts(self) -> str:
         """'N completed, M queued or running' before submitting."""
         done = sum(s.state == COMPLETED for s in self.statuses)
-        return f"{done} completed, {sum(s.state in LIVE for s in self.statuses)} queued or running"
+        stopped = sum(s.state == STOPPED for s in self.statuses)
+        return (f"{done} completed, " + (f"{stopped} stopped early, " if stopped else "")
+                + f"{sum(s.state in LIVE for s in self.statuses)} queued or running")
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -150,19 +153,22 @@ def parameters(grid: Grid, shape: Shape, count: int) -> dict[str, Any]:
     return params
 
 
-def plan_launch(grid: Grid, store: str | None = None, check: bool = True) -> Launch:
+def plan_launch(grid: Grid, store: str | None = None, check: bool = True, rerun_stopped: bool = False) -> Launch:
     """Every cell's state and the cells to submit as a job array; SlurmError when SLURM cannot be used
     (if `check`)."""
     for cell in grid.cells():
         shape_of(cell, grid)
     if check:
         slurm.check_cluster(grid.backend.slurm.partition)
-    return cells_to_submit(grid, store, ask_slurm=check)
+    return cells_to_submit(grid, store, ask_slurm=check, rerun_stopped=rerun_stopped)
 
 
-def cells_to_submit(grid: Grid, store: str | None, *, ask_slurm: bool, ask_ray: bool = False) -> Launch:
+def cells_to_submit(grid: Grid, store: str | None, *, ask_slurm: bool, ask_ray: bool = False,
+                    rerun_stopped: bool = False) -> Launch:
     """Every cell's state (from the store, the launch records and, if asked, SLURM / Ray's job API) and the
-    cells with no completed row and no live job; SweepError when the store cannot be read."""
+    cells with no completed row and no live job; SweepError when the store cannot be read. A cell stopped
+    early stays stopped while the grid's early stopping is on, unless `rerun_stopped` (status.keeps_stopped):
+    then it is submitted again and continues from its checkpoint."""
     resolving: list[str] = []
     cells = prepare(grid, store, resolving)
     statuses, notes = cell_states(cells, grid.name, ask_slurm=ask_slurm, ask_ray=ask_ray)
@@ -171,7 +177,8 @@ def cells_to_submit(grid: Grid, store: str | None, *, ask_slurm: bool, ask_ray: 
     if unread:
         raise SweepError(f"cannot read the results store {unread[0].cell.config.results.store_uri}, so it is not "
                          f"known which cells are completed; nothing was submitted ({notes[0] if notes else ''})")
-    todo = [s for s in statuses if s.state != COMPLETED and s.state not in LIVE]
+    keep = keeps_stopped(grid, rerun_stopped)
+    todo = [s for s in statuses if not ended(s, keep) and s.state not in LIVE]
     return Launch(statuses, todo, notes=notes)
 
 

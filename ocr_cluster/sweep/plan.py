@@ -9,10 +9,11 @@ from typing import Any, Mapping
 from ocr_cluster.sweep.estimate import Estimate, Speed, estimate, speeds_from_rows
 from ocr_cluster.sweep.grid import Cell
 
-# A cell's state: what the store holds ("completed", "failed"), None when it holds nothing, UNREAD when
+# A cell's state: what the store holds ("completed", "failed", "stopped": ended early by the sweep's early
+# stopping, not completed), None when it holds nothing, UNREAD when
 # the store was not or could not be read. The launcher adds what the scheduler knows ("pending", "running") through
 # `live` in plan(): a completed row wins over it, anything else is replaced by it.
-COMPLETED, FAILED, UNREAD = "completed", "failed", "unread"
+COMPLETED, FAILED, STOPPED, UNREAD = "completed", "failed", "stopped", "unread"
 
 
 @dataclass
@@ -74,7 +75,7 @@ def plan(cells: list[Cell], *, store: str | None = None, read: bool = True, devi
         state = UNREAD if held is None else (row["status"] if row else None)
         if live and cell.run_id in live and state != COMPLETED:
             state = live[cell.run_id]
-        miou = row.get("miou") if row and state == COMPLETED else None
+        miou = row.get("miou") if row and state in (COMPLETED, STOPPED) else None
         out.append(PlanRow(cell, state, miou, estimate(cell.config, speeds, device), uris[cell.run_id]))
     return out, notes
 
@@ -87,6 +88,7 @@ def summary(rows: list[PlanRow]) -> dict[str, Any]:
         "cells": len(rows),
         "completed": sum(r.state == COMPLETED for r in rows),
         "failed": sum(r.state == FAILED for r in rows),
+        "stopped": sum(r.state == STOPPED for r in rows),
         "not_in_store": sum(r.state is None for r in rows),
         "unread": sum(r.state == UNREAD for r in rows),
         "est_gpu_hours": sum(r.estimate.gpu_hours for r in known),

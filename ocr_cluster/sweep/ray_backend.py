@@ -168,11 +168,10 @@ def cmd_launch(args, grid) -> int:
     from ocr_cluster import storage
     from ocr_cluster.sweep import records, slurm
     from ocr_cluster.sweep.launch import cells_to_submit
-    from ocr_cluster.sweep.status import COMPLETED
-
     address = address_of(grid, args.address) if not args.dry_run else (
         args.address or grid.backend.ray.address or os.environ.get("RAY_ADDRESS") or "(no address given)")
-    launch = cells_to_submit(grid, args.store, ask_slurm=slurm.available(), ask_ray=True)
+    launch = cells_to_submit(grid, args.store, ask_slurm=slurm.available(), ask_ray=True,
+                             rerun_stopped=getattr(args, "rerun_stopped", False))
     for note in launch.notes:
         print(f"warning: {note}", file=sys.stderr)
     statuses, todo, cells = launch.statuses, launch.todo, launch.cells
@@ -207,10 +206,10 @@ def cmd_launch(args, grid) -> int:
           + f"  (or: ray job logs --follow --address {address} {job_id})")
     if not args.wait:
         return 0
-    from ocr_cluster.sweep.slurm_commands import follow
+    from ocr_cluster.sweep.slurm_commands import all_ended, follow
 
     statuses = follow(grid, cells, args.interval, only={s.cell.run_id for s in todo})
-    return 0 if all(s.state == COMPLETED for s in statuses) else 1
+    return 0 if all_ended(grid, statuses) else 1
 
 
 def _write_manifest(grid, statuses) -> None:

@@ -2,6 +2,8 @@
 
     sweep launch GRID [--dry-run] [--wait] [--folder DIR]   submit the missing cells as one job array
     sweep status GRID [--watch [S]] [--json]                one line per cell; exit 0 only when all completed
+                                                            (or stopped early, while the grid's early stopping
+                                                            keeps them so)
     sweep cancel GRID                                       scancel the sweep's live jobs
 
 With --backend ray (or `backend: {default: ray}` in the grid) launch submits one Ray job running Ray Tune
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 COMPLETED, LIVE = "completed", ("running", "pending", "requeued")  # ocr_cluster.sweep.status's names
 
 STATE_STYLES = {"completed": "green", "failed": "red", "lost": "red", "running": "cyan", "requeued": "yellow",
-                "pending": "blue", "cancelled": "magenta"}
+                "pending": "blue", "cancelled": "magenta", "stopped": "dark_orange"}
 
 
 def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,9 @@ def add_arguments(action: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--with-secrets", action="store_true",
                             help="--backend ray: pass this shell's object-store credentials in the job's runtime env "
                                  "(plain text in Ray's logs and job API; by default the nodes use their own)")
+        parser.add_argument("--rerun-stopped", action="store_true",
+                            help="also submit the cells the early stopping stopped (they continue from their last "
+                                 "checkpoint); without it they stay stopped while backend.ray.early_stopping is on")
         parser.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
         parser.add_argument("--wait", action="store_true",
                             help="after submitting, follow the sweep until no cell is queued or running")
@@ -81,6 +86,14 @@ def _summary(statuses: list[CellStatus]) -> str:
     from ocr_cluster.sweep.status import counts
 
     return f"{len(statuses)} cells: " + ", ".join(f"{n} {state}" for state, n in sorted(counts(statuses).items()))
+
+
+def all_ended(grid, statuses: list[CellStatus]) -> bool:
+    """The exit status of status / launch --wait: every cell completed, or stopped early and kept so."""
+    from ocr_cluster.sweep.status import ended, keeps_stopped
+
+    keep = keeps_stopped(grid)
+    return all(ended(s, keep) for s in statuses)
 
 
 def _warn(notes: list[str]) -> None:
@@ -140,18 +153,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return allocation.cmd_launch(args, grid)
     if args.dry_run:
         try:
-            launch = plan_launch(grid, args.store, check=True)
+            launch = plan_launch(grid, args.store, check=True, rerun_stopped=args.rerun_stopped)
         except slurm.SlurmError as exc:
             print(f"warning: {exc}; showing the store's view only", file=sys.stderr)
-            launch = plan_launch(grid, args.store, check=False)
+            launch = plan_launch(grid, args.store, check=False, rerun_stopped=args.rerun_stopped)
     else:
-        launch = plan_launch(grid, args.store)
+        launch = plan_launch(grid, args.store, rerun_stopped=args.rerun_stopped)
     _warn(launch.notes)
     done = sum(s.state == COMPLETED for s in launch.statuses)
     live = sum(s.state in LIVE for s in launch.statuses)
     if not launch.todo:
-        print(f"sweep {grid.name}: nothing to submit ({done} completed, {live} queued or running, "
-              f"{len(launch.statuses)} cells)")
+        print(f"sweep {grid.name}: nothing to submit ({launch.counts()}, {len(launch.statuses)} cells)")
         return 0
     if args.dry_run:
         shapes: dict = {}
@@ -175,7 +187,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     statuses = follow(grid, prepare(grid, args.store), args.interval, only=set(launch.jobs))
-    return 0 if all(s.state == COMPLETED for s in statuses) else 1
+    return 0 if all_ended(grid, statuses) else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -200,7 +212,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             console = _console()
             console.print(_table(f"sweep {grid.name} ({grid.label})", statuses))
             console.print(_summary(statuses), highlight=False)
-    return 0 if all(s.state == COMPLETED for s in statuses) else 1
+    return 0 if all_ended(grid, statuses) else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

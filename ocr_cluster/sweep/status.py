@@ -1,6 +1,7 @@
 """`sweep status`: each cell's state from the results store, the launch records and SLURM.
 
     completed   a completed row (its mIoU)            failed        a failed row and no live job (its error)
+    stopped     ended early by the sweep's early stopping (ASHA; iteration and eval mIoU reached); not completed
     running     the job runs (iteration, last mIoU)   pending       queued (SLURM's reason)
     requeued    live again after a requeue (restarts) lost          the job ended without a row
     cancelled   `sweep cancel` stopped it             not launched  never submitted
@@ -8,9 +9,10 @@
 
 A cell launched with --backend ray names its sweep's Ray job: while that job is pending or running the
 cell is pending (no checkpoint yet) or running (its checkpoints' progress); a stopped job is cancelled.
-A completed row wins over everything; a live job wins over a failed row (a resubmitted cell). Works
-without SLURM accounting: squeue for live jobs, `scontrol show job` (for MinJobAge after the end) or
-sacct, when it answers, for the end of a vanished one.
+A completed row wins over everything; a live job wins over a failed or stopped row (a resubmitted cell),
+except over a stopped row that same job wrote: a Tune sweep's job runs on after stopping some of its
+cells. Works without SLURM accounting: squeue for live jobs, `scontrol show job` (for MinJobAge after
+the end) or sacct, when it answers, for the end of a vanished one.
 """
 
 from __future__ import annotations
@@ -27,8 +29,19 @@ from ocr_cluster.sweep.grid import Cell
 from ocr_cluster.sweep.plan import read_store
 
 COMPLETED, FAILED, RUNNING, PENDING, REQUEUED = "completed", "failed", "running", "pending", "requeued"
-LOST, CANCELLED, NOT_LAUNCHED, UNREAD = "lost", "cancelled", "not launched", "unread"
+LOST, CANCELLED, NOT_LAUNCHED, UNREAD, STOPPED = "lost", "cancelled", "not launched", "unread", "stopped"
 LIVE = (RUNNING, PENDING, REQUEUED)
+
+
+def keeps_stopped(grid, rerun_stopped: bool = False) -> bool:
+    """Whether the grid's stopped cells stay stopped: yes while its early stopping is on, unless the launch
+    asks to rerun them (--rerun-stopped). Turning early stopping off trains them on from their checkpoints."""
+    return grid.backend.ray.early_stopping.enabled and not rerun_stopped
+
+
+def ended(status: "CellStatus", keep_stopped: bool) -> bool:
+    """Nothing left to train: completed, or stopped early and kept so (never counted as completed)."""
+    return status.state == COMPLETED or (keep_stopped and status.state == STOPPED)
 
 
 @dataclass
@@ -90,6 +103,12 @@ def _metrics(node: Any) -> list[dict]:
     if isinstance(node, list):
         return [m for v in node for m in _metrics(v)]
     return []
+
+
+def _stopped_detail(row: dict) -> str:
+    done, miou = row.get("iters_done"), row.get("miou")
+    return (f"stopped early at iter {done if done is not None else '?'}/{row.get('iters')}"
+            + (f", eval mIoU {miou:.2f}" if miou is not None else ""))
 
 
 def _first_line(text: str | None) -> str:
@@ -162,9 +181,13 @@ def cell_states(cells: list[Cell], sweep: str, ask_slurm: bool = True,
         job = jobs.get(sub.job_id) if sub else None
         status = CellStatus(cell, NOT_LAUNCHED, job_id=sub.job_id if sub else None,
                             restarts=job.restarts if job else 0)
+        stopped_here = bool(row and row["status"] == STOPPED and sub and row.get("scheduler_job_id") == sub.job_id)
         if row and row["status"] == "completed":
             status.state, status.miou = COMPLETED, row.get("miou")
             status.detail = f"mIoU {row['miou']:.2f}" if row.get("miou") is not None else ""
+        elif row and row["status"] == STOPPED and (stopped_here or job is None or not job.live):
+            status.state, status.miou = STOPPED, row.get("miou")
+            status.detail = _stopped_detail(row)
         elif job is not None and job.live:
             status.state = PENDING if job.state == "PENDING" else RUNNING
             done, miou = progress(cell.config, cell.run_id) if status.state == RUNNING else (0, None)

@@ -1,4 +1,5 @@
-"""The run's row in the results store: completed (rank 0, at the end) or failed (the driver).
+"""The run's row in the results store: completed (rank 0, at the end) or failed (the driver). (A Tune sweep's
+early stopping writes a third kind, stopped: ocr_cluster.sweep.tune.write_stopped.)
 
 Exactly one completed row per run: the driver does not start a run whose completed row exists,
 and rank 0 checks again before writing (a retry that finished twice writes once).
@@ -61,7 +62,7 @@ def write_completed(cfg: Config, layout: RunLayout, classes: list[str], scores: 
         aacc=scores["aAcc"], macc=scores["mAcc"], miou_msflip=ms_scores["mIoU"] if ms_scores else None,
         iou_per_class=list(zip(classes, scores["IoU"])), fps=fps, mem_gb=mem_gb, train_time_s=train_time_s,
         total_time_s=total_time_s, started_at=started_at, checkpoint_uri=layout.final_model_uri,
-        skipped_samples=skipped_samples, **(launch or {}))
+        skipped_samples=skipped_samples, iters_done=cfg.schedule.iters, **(launch or {}))
     uri = write_run(cfg.results.store_uri, row)
     say(f"[{layout.run_id}] completed: mIoU {scores['mIoU']:.2f}; result row {uri}")
     return uri
