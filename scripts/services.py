@@ -11,6 +11,7 @@ tests/conftest.py imports this module and starts each service once per test sess
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import secrets
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +47,14 @@ class Service:
     info: dict[str, str] = field(default_factory=dict)
     own_process_groups: bool = True
     marker: str = ""  # processes whose command line holds this (our unique config path) are ours too
+    drain: Callable[[], None] | None = None  # run first: what the daemons must end while they still can
 
     def stop(self, timeout: float = 20.0) -> None:
+        if self.drain:
+            try:
+                self.drain()
+            except Exception as exc:  # noqa: BLE001 - stopping the daemons must still happen
+                print(f"services.py: {self.name}: {exc}", file=sys.stderr)
         if self.marker:
             self.pids = list(dict.fromkeys([*self.pids, *_pids_with_arg(self.marker)]))
         for pid in self.pids:
@@ -323,7 +331,8 @@ def start_slurm() -> Service:
                                       node_list=",".join(name for name, _ in SLURM_NODES)))
     env = {"SLURM_CONF": str(conf)}
     run_env = {**os.environ, **env}
-    service = Service("slurm", env, [], state, own_process_groups=False, marker=str(conf))
+    service = Service("slurm", env, [], state, own_process_groups=False, marker=str(conf),
+                      drain=lambda: _cancel_jobs(run_env))
     try:
         munged = _start_munge()
         if munged:
@@ -356,6 +365,22 @@ def start_slurm() -> Service:
     service.info = {"partition": "debug", "conf": str(conf), "host": host,
                     "nodes": ",".join(f"{name}={addr}" for name, addr in SLURM_NODES)}
     return service
+
+
+def _cancel_jobs(run_env: dict[str, str], timeout: float = 20.0) -> None:
+    """Cancel every job of the test cluster and wait for its steps to end: a job step's slurmstepd outlives
+    the daemons (its command line names neither our config nor our directory), so a job still running at
+    stop time would be left behind."""
+    def queued() -> list[str]:
+        return subprocess.run(["squeue", "-h", "-o", "%i"], env=run_env, capture_output=True, text=True,
+                              timeout=10).stdout.split()
+
+    if not queued():
+        return
+    subprocess.run(["scancel", "--user", getpass.getuser()], env=run_env, capture_output=True, timeout=10)
+    deadline = time.monotonic() + timeout
+    while queued() and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 STARTERS = {"ray": start_ray, "s3": start_s3, "slurm": start_slurm}
