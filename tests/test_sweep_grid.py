@@ -122,8 +122,8 @@ def test_quickstart_names_run_ids_and_order_are_stable():
     assert [c.axes for c in cells][1] == {"model.head": "ocr", "iters": "longer"}
     # A cell is the base job with the cell's overrides, loaded by ocr_cluster.config.
     same = config.load(REPO / "jobs" / "quickstart.yaml",
-                       ["model.head=fcn", "schedule.iters=100", "schedule.checkpoint_interval=50",
-                        "evaluation.interval=50", "run.sweep=quickstart"])
+                       ["model.head=fcn", "schedule.iters=100", "optimizer.lr=0.01",
+                        "schedule.checkpoint_interval=50", "evaluation.interval=50", "run.sweep=quickstart"])
     assert cells[3].config.run_id == same.run_id and cells[3].config.model == same.model
     assert cells[3].config.schedule == same.schedule
 
