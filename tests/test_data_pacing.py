@@ -71,3 +71,9 @@ def test_installed_on_rays_streaming_executor():
     assert StreamingExecutor._scheduling_loop_step.__wrapped__ is not None
     assert pacing.pace_idle_executor() is True  # once: not wrapped twice
     assert not hasattr(StreamingExecutor._scheduling_loop_step.__wrapped__, "__wrapped__")
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(pacing, "_installed", False)
+    monkeypatch.setenv(pacing.SWITCH, "0")
+    assert pacing.pace_idle_executor() is False

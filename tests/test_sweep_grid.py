@@ -152,7 +152,7 @@ def test_seeds_include_exclude_and_repeat(tmp_path):
         "deeplabv3_hr18s_2xb4-100_synthetic-128x128",
     ]
     assert [c.config.run.seed for c in cells] == [0, 3, 5, 0, 0]
-    assert cells[-1].config.optimizer.lr == 0.02 and cells[0].config.optimizer.lr == 0.01
+    assert cells[-1].config.optimizer.lr == 0.02 and cells[0].config.optimizer.lr == 0.03  # the base job's
     assert [c.run_id for c in load(path).cells()] == [c.run_id for c in cells]  # deterministic
 
 

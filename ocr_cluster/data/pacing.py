@@ -16,15 +16,18 @@ not slowed; an idle one wakes within IDLE_PAUSE_S of its consumer taking a block
 It must run in the process that runs the executor: the SplitCoordinator for a streaming_split, the
 consumer's for a plain iteration. The datasource's `get_read_tasks` runs there (the executor asks for
 the read tasks when it starts), so pipeline.py calls it from there. It changes nothing when Ray's
-executor lacks what it wraps (another Ray version): the loop then runs as Ray ships it.
+executor lacks what it wraps (another Ray version): the loop then runs as Ray ships it, as it does with
+OCR_CLUSTER_DATA_PACING=0 in the workers' environment (benchmarks/bench_split.py compares the two).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 IDLE_PAUSE_S = 0.05  # half of Ray's own wait for running tasks (0.1 s)
+SWITCH = "OCR_CLUSTER_DATA_PACING"
 
 _installed = False
 
@@ -59,6 +62,8 @@ def pace_idle_executor(pause_s: float = IDLE_PAUSE_S) -> bool:
     global _installed
     if _installed:
         return True
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
     try:
         from ray.data._internal.execution.streaming_executor import StreamingExecutor
     except ImportError:
