@@ -77,3 +77,7 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setattr(pacing, "_installed", False)
     monkeypatch.setenv(pacing.SWITCH, "0")
     assert pacing.pace_idle_executor() is False
+
+
+def test_operators_without_the_counters_run_unpaced():
+    assert run(lambda topo: None, {object(): State()}) == []

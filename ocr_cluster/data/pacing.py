@@ -32,11 +32,15 @@ SWITCH = "OCR_CLUSTER_DATA_PACING"
 _installed = False
 
 
-def _moved(topology) -> tuple:
-    """What changes when an operator makes progress (NoProgressGuard's test, plus task starts)."""
-    return tuple((op.metrics.num_outputs_taken, op.metrics.num_tasks_submitted, op.num_active_tasks(),
-                  state.total_enqueued_input_blocks(), state.total_enqueued_output_blocks())
-                 for op, state in topology.items())
+def _signature(topology) -> tuple | None:
+    """What changes when an operator makes progress (NoProgressGuard's test, plus task starts); None when an
+    operator lacks these counters (another Ray version): the step then runs unpaced."""
+    try:
+        return tuple((op.metrics.num_outputs_taken, op.metrics.num_tasks_submitted, op.num_active_tasks(),
+                      state.total_enqueued_input_blocks(), state.total_enqueued_output_blocks())
+                     for op, state in topology.items())
+    except Exception:  # noqa: BLE001 - never let the pacing break the executor's thread
+        return None
 
 
 def paced(step, pause_s: float = IDLE_PAUSE_S, clock=time.monotonic, sleep=time.sleep):
@@ -45,12 +49,9 @@ def paced(step, pause_s: float = IDLE_PAUSE_S, clock=time.monotonic, sleep=time.
     @functools.wraps(step)
     def paced_step(self, topology):
         began = clock()
-        try:
-            before = _moved(topology)
-        except Exception:  # noqa: BLE001 - an operator without these counters: Ray's loop unchanged
-            return step(self, topology)
+        before = _signature(topology)
         more = step(self, topology)
-        if more and _moved(topology) == before:
+        if more and before is not None and _signature(topology) == before:
             sleep(max(0.0, pause_s - (clock() - began)))
         return more
 
