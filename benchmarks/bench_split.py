@@ -4,7 +4,8 @@
 
 The quickstart's training stream (300 iterations of data.batch_size 8, 128x128 crops) split over 2 consumers as in
 train/loop.py (streaming_split, equal, locality hints), each consumer taking a batch of 4 every
---step-s seconds, as a CPU training worker does, without spending CPU itself. Each side runs in a fresh
+--step-s seconds, as a CPU training worker does, without spending CPU itself; measured after each
+consumer's first 5 batches (start-up left out). Each side runs in a fresh
 process with its own local Ray cluster (OCR_CLUSTER_DATA_PACING=1 or 0 for the whole job); the sides
 alternate for --rounds rounds. Printed per run: wall seconds and the coordinator actor's CPU seconds
 (from /proc, user + system), and the median per side. Linux only.
@@ -58,20 +59,24 @@ def one_side(uri: str, batches: int, step_s: float) -> dict:
 
     @ray.remote(num_cpus=1)
     class Consumer:
-        def run(self, split, n: int, step: float) -> int:
-            taken = 0
-            for _ in split.iter_batches(batch_size=4, batch_format="numpy", drop_last=True):
-                taken += 1
+        """Takes batches of 4 (its half of the global batch 8) and 'trains' step seconds on each."""
+
+        def take(self, split, n: int, step: float) -> int:
+            if not hasattr(self, "batches"):
+                self.batches = iter(split.iter_batches(batch_size=4, batch_format="numpy", drop_last=True))
+            for taken in range(n):
+                if next(self.batches, None) is None:
+                    return taken
                 time.sleep(step)  # the training step, as far as the data pipeline can tell
-                if taken == n:
-                    break
-            return taken
+            return n
 
     consumers = [Consumer.remote() for _ in range(2)]
-    began = time.time()
-    taken = ray.get([c.run.remote(s, batches, step_s) for c, s in zip(consumers, splits)])
+    # Warm-up (workers starting, the first blocks) left out: the steady state is what training lives in.
+    ray.get([c.take.remote(s, 5, step_s) for c, s in zip(consumers, splits)])
+    cpu_before, began = _coordinator_cpu_s(), time.time()
+    taken = ray.get([c.take.remote(s, batches, step_s) for c, s in zip(consumers, splits)])
     wall = time.time() - began
-    cpu = _coordinator_cpu_s()
+    cpu = _coordinator_cpu_s() - cpu_before
     ray.shutdown()
     return {"wall_s": wall, "coordinator_cpu_s": cpu, "batches": taken}
 
