@@ -2,8 +2,9 @@
 
 Why: Ray Data 2.60's scheduling loop waits for its running tasks in `ray.wait(timeout=0.1)`, but when
 no task runs because every operator is held back (the output waits for a consumer slower than the
-data: training's steady state), `ray.wait` is skipped and the loop goes round again at once, a few
-hundred thousand times a minute. In `make quickstart` that loop, inside streaming_split's
+data: training's steady state), there is nothing to wait for and the loop goes round again at once, as
+fast as the CPU lets it (py-spy: the executor thread holds the GIL in nearly every sample, `ray.wait`
+in 2 % of them). In `make quickstart` that loop, inside streaming_split's
 SplitCoordinator actor, used as much CPU as one training worker on a 2-core machine
 (benchmarks/README.md, "Ray Data's split coordinator").
 
