@@ -12,12 +12,16 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: venv quickstart test services-install clean
 
-# Rebuilt only when pyproject.toml changes; the package itself is installed editable.
+# Rebuilt only when pyproject.toml changes; the package itself is installed editable. One pip call
+# (one resolve) without byte-compiling every installed file: Python compiles what it imports, once.
+# The quickstart needs no test tools; `make test` adds them (moto's server alone is ~40 packages).
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q $(PIP_FLAGS) --upgrade pip
-	$(VENV)/bin/python -m pip install -q $(PIP_FLAGS) "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install -q $(PIP_FLAGS) -e '.[test]'
+	$(VENV)/bin/python -m pip install -q --no-compile $(PIP_FLAGS) "$(TORCH_SPEC)" -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install -q --no-compile $(PIP_FLAGS) -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -32,7 +36,7 @@ quickstart: venv
 services-install:
 	bash scripts/install_slurm.sh
 
-test: venv services-install
+test: $(VENV)/.installed-test services-install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -21,6 +21,8 @@ and in each worker (`per_worker = cfg.data.batch_size // world_size`):
 `ds.drop_columns(["key"])` first.) Resources: read tasks take 0.25 CPU, decode tasks `num_cpus`
 (1) each, and Ray Data only uses CPUs the trainer's workers leave free, so give the cluster more
 CPUs than `num_workers x cpus_per_worker` (the test head has 4 logical CPUs for 2 workers).
+The process that runs the stream's executor (streaming_split's SplitCoordinator) paces Ray Data's
+scheduling loop while every operator waits for the consumer (pacing.py): unpaced it spins a core.
 
 `train_dataset` is one stream of `num_epochs` epochs (make it longer than the run needs and stop
 at the last iteration): for each epoch the shard order and the row order inside each shard are
@@ -231,6 +233,9 @@ class _ShardSource:
         from ray.data import ReadTask
         from ray.data.block import BlockMetadata
 
+        from ocr_cluster.data.pacing import pace_idle_executor
+
+        pace_idle_executor()  # the executor that asks for the read tasks runs in this process: see pacing.py
         shards = self.manifest.split(self.split).shards
         tasks = []
         for epoch in self.epochs:
