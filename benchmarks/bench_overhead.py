@@ -338,7 +338,7 @@ def measured_run(way: str, tmp: Path, data: Path, head: RayHead, args, index: in
         raise RuntimeError(f"{way}: no iter {args.iters} line:\n" + "".join(seen[-30:]))
     time.sleep(0.5)  # the trace line of the last step is written before its log line; let the file settle
     result = window(trace, args.warmup, args.iters, 2)
-    (t0, c0), (t1, c1) = snaps[args.warmup], snaps[args.iters]
+    (_, c0), (_, c1) = snaps[args.warmup], snaps[args.iters]
     steps = args.iters - args.warmup
     result.update({f"cpu/step {g}": v / steps for g, v in cpu_delta(c0, c1).items()})
     kinds = cpu_delta(by_kind[args.warmup], by_kind[args.iters])

@@ -339,7 +339,7 @@ def test_uint8_crops_normalised_in_torch_equal_the_float_pipeline():
 
     image_b, label_b, _, _ = _encoded(48, 64)
     p = T.TrainParams(crop_hw=(64, 64), scale_wh=(64, 48), num_classes=6)
-    crops, valid, want_img, want_lab = [], [], [], []
+    crops, valid, want_img = [], [], []
     for seed in range(24):
         img, lab, hw = T.train_crop_uint8(image_b, label_b, p, np.random.default_rng(seed))
         crops.append(img)
