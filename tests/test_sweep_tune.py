@@ -29,19 +29,24 @@ def synth_uri(_s3_service):
     return tiny_synth(_s3_service, "sweep-tune")
 
 
+def tiny_settings(root: str, synth_uri: str, eval_interval: int) -> dict:
+    """The grid's `set`: tiny one-worker cells on the S3 shards, runs and rows under `root`."""
+    return {
+        "data": {"uri": synth_uri, "crop_size": "64x64", "scale": "64x64", "batch_size": 2},
+        "schedule": {"checkpoint_interval": 2, "log_interval": 2},
+        "evaluation": {"interval": eval_interval, "fps_images": 4},
+        "cluster": {"num_workers": 1},
+        "storage": {"checkpoint_uri": f"{root}/runs"},
+        "results": {"store_uri": f"{root}/results"},
+    }
+
+
 def write_grid(path: Path, root: str, synth_uri: str, address: str, iters: list[int], name: str) -> Path:
     """A grid whose default backend is Ray; its SLURM section is there too (the same file runs on both)."""
     body = {
         "name": name,
         "base": str(REPO / "jobs" / "quickstart.yaml"),
-        "set": {
-            "data": {"uri": synth_uri, "crop_size": "64x64", "scale": "64x64", "batch_size": 2},
-            "schedule": {"checkpoint_interval": 2, "log_interval": 2},
-            "evaluation": {"interval": 100, "fps_images": 4},
-            "cluster": {"num_workers": 1},
-            "storage": {"checkpoint_uri": f"{root}/runs"},
-            "results": {"store_uri": f"{root}/results"},
-        },
+        "set": tiny_settings(root, synth_uri, eval_interval=100),
         "axes": {"model.head": ["ocr"], "schedule.iters": iters},
         "backend": {"default": "ray", "slurm": {"gpus_per_node": 0, "time": "20:00"},
                     "ray": {"address": address, "max_concurrent_trials": 2}},
@@ -200,14 +205,7 @@ def test_early_stopping_stops_a_hopeless_cell_with_its_own_row(ray_cluster, s3, 
     body = {
         "name": "tiny-asha",
         "base": str(REPO / "jobs" / "quickstart.yaml"),
-        "set": {
-            "data": {"uri": synth_uri, "crop_size": "64x64", "scale": "64x64", "batch_size": 2},
-            "schedule": {"checkpoint_interval": 2, "log_interval": 2},
-            "evaluation": {"interval": 2, "fps_images": 4},
-            "cluster": {"num_workers": 1},
-            "storage": {"checkpoint_uri": f"{root}/runs"},
-            "results": {"store_uri": store},
-        },
+        "set": tiny_settings(root, synth_uri, eval_interval=2),
         "axes": {"cell": {"good": {"schedule.iters": 4},
                           "hopeless": {"schedule.iters": 40, "optimizer.lr": 1.0e-9}}},
         "backend": {"default": "ray",
