@@ -122,8 +122,8 @@ def test_quickstart_names_run_ids_and_order_are_stable():
     assert [c.axes for c in cells][1] == {"model.head": "ocr", "iters": "longer"}
     # A cell is the base job with the cell's overrides, loaded by ocr_cluster.config.
     same = config.load(REPO / "jobs" / "quickstart.yaml",
-                       ["model.head=fcn", "schedule.iters=100", "optimizer.lr=0.01",
-                        "schedule.checkpoint_interval=50", "evaluation.interval=50", "run.sweep=quickstart"])
+                       ["model.head=fcn", "schedule.iters=100", "optimizer.type=sgd", "optimizer.lr=0.01",
+                        "optimizer.weight_decay=0.0005", "schedule.min_lr=0.0001", "schedule.checkpoint_interval=50", "evaluation.interval=50", "run.sweep=quickstart"])
     assert cells[3].config.run_id == same.run_id and cells[3].config.model == same.model
     assert cells[3].config.schedule == same.schedule
 
@@ -152,7 +152,7 @@ def test_seeds_include_exclude_and_repeat(tmp_path):
         "deeplabv3_hr18s_2xb4-100_synthetic-128x128",
     ]
     assert [c.config.run.seed for c in cells] == [0, 3, 5, 0, 0]
-    assert cells[-1].config.optimizer.lr == 0.02 and cells[0].config.optimizer.lr == 0.03  # the base job's
+    assert cells[-1].config.optimizer.lr == 0.02 and cells[0].config.optimizer.lr == 0.001  # the base job's
     assert [c.run_id for c in load(path).cells()] == [c.run_id for c in cells]  # deterministic
 
 
