@@ -25,13 +25,17 @@ WORKER_HOOK = "ocr_cluster.logs.quiet_worker"
 
 # Warnings Ray raises against its own calls (Ray Train's DataConfig): nothing a user can act on.
 RAY_OWN_WARNINGS = (r"`ExecutionOptions\.exclude_resources` is deprecated",)
-# Ray log warnings that Ray itself calls safe to ignore when transient: (logger, message start). They are
-# demoted to DEBUG, so Ray Train's system log file keeps them and the console does not show them.
+# Ray log warnings with nothing for a user to act on: (logger, message start). They are demoted to DEBUG, so
+# Ray Train's system log file keeps them and the console does not show them.
 RAY_TRANSIENT = (
     # The controller's request to the autoscaling coordinator timed out (5 s): a busy machine (a new actor's
-    # worker process starting), and no autoscaler on a local cluster. A traceback each time.
+    # worker process starting), and no autoscaler on a local cluster; Ray calls it safe to ignore when
+    # transient. A traceback each time.
     ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
      "Failed to send resource request"),
+    # broadcast_from_rank_zero warns above 1000 bytes; the one broadcast of a run is Ray Data's split
+    # iterators (~5.5 KB), once at start.
+    ("ray.train.v2._internal.execution.collective_impl", "Data size"),
 )
 
 
@@ -49,7 +53,7 @@ _quiet = False  # this process ran quiet_worker
 
 def quiet_worker() -> None:
     """Ray's chatter off in this process: Ray Data's console lines below WARNING, the deprecations Ray
-    raises against itself, Ray's transient warnings (as DEBUG). Ray's log files keep everything else."""
+    raises against itself, Ray's warnings in RAY_TRANSIENT (as DEBUG). Ray's log files keep everything else."""
     import ray.data  # noqa: F401 - configures the "ray.data" logger, whose console handler is lowered here
 
     global _quiet

@@ -27,7 +27,7 @@ RAY_NOISE = (
     "Requesting resources", "training worker group", "Setting up process group", "Moving model to device",
     "Wrapping provided model", "PreemptionWatcher", "Token authentication is enabled", "tqdm is not installed",
     "Starting execution of Dataset", "Execution plan of Dataset", "progress UI", "Progress bars",
-    "exclude_resources", "NumPy array is not writable", "Traceback",
+    "exclude_resources", "NumPy array is not writable", "Traceback", "maximum broadcast size",
 )
 ITERS = 4
 
