@@ -171,9 +171,10 @@ class ClusterSection:
     cpus_per_worker: float = opt(1.0, hashed=False)
     micro_batch: int = opt(0, "samples per worker per forward; 0 = data.batch_size / num_workers; "
                               "smaller accumulates gradients to the same global batch", hashed=False)
-    amp: str = choice("auto", ("auto", "bf16", "fp16", "none"),
-                      "auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs, "
-                      "none on CPU")
+    amp: str = choice("auto", ("auto", "bf16", "fp16", "none", "native-bf16"),
+                      "autocast dtype. auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on "
+                      "older GPUs, none on CPU; native-bf16 = bf16 where the device computes it natively (such "
+                      "GPUs, CPUs with AVX512-BF16), else none (fp32)")
     channels_last: bool = opt(False, "GPU fast path: the model's weights and each training batch in channels-last "
                                      "(NHWC) memory format, which tensor-core convolutions prefer; same model, "
                                      "sums in another order", hashed=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ocr_cluster.train.loop import amp_dtype
+from ocr_cluster.train.loop import amp_dtype, native_cpu_bf16
 
 
 def test_amp_auto_picks_bf16_only_where_it_is_native():
@@ -15,7 +15,18 @@ def test_amp_auto_picks_bf16_only_where_it_is_native():
     assert amp_dtype("auto", cuda, capability=(9, 0)) is torch.bfloat16  # H100
     assert amp_dtype("auto", cuda, capability=(7, 0)) is torch.float16   # V100: bf16 only emulated
     assert amp_dtype("auto", cuda, capability=(7, 5)) is torch.float16   # T4
-    assert amp_dtype("auto", torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu, cpu_bf16=True) is None  # auto: fp32 on every CPU (run ids of CPU runs kept)
+    assert amp_dtype("none", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
+
+
+def test_native_bf16_is_bf16_where_native_else_fp32():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert amp_dtype("native-bf16", cuda, capability=(8, 0)) is torch.bfloat16
+    assert amp_dtype("native-bf16", cuda, capability=(7, 0)) is None  # V100: fp32, not fp16
+    assert amp_dtype("native-bf16", cpu, cpu_bf16=True) is torch.bfloat16  # AVX512-BF16
+    assert amp_dtype("native-bf16", cpu, cpu_bf16=False) is None  # emulated bf16 is slower than fp32
+    assert amp_dtype("native-bf16", cpu) is (torch.bfloat16 if native_cpu_bf16() else None)
     assert amp_dtype("bf16", cuda, capability=(7, 0)) is torch.bfloat16  # asked for explicitly: as asked
     assert amp_dtype("none", cuda, capability=(9, 0)) is None
 

@@ -123,7 +123,8 @@ def test_quickstart_names_run_ids_and_order_are_stable():
     # A cell is the base job with the cell's overrides, loaded by ocr_cluster.config.
     same = config.load(REPO / "jobs" / "quickstart.yaml",
                        ["model.head=fcn", "schedule.iters=100", "optimizer.type=sgd", "optimizer.lr=0.01",
-                        "optimizer.weight_decay=0.0005", "schedule.min_lr=0.0001", "schedule.checkpoint_interval=50", "evaluation.interval=50", "run.sweep=quickstart"])
+                        "optimizer.weight_decay=0.0005", "schedule.min_lr=0.0001", "cluster.amp=none",
+                        "schedule.checkpoint_interval=50", "evaluation.interval=50", "run.sweep=quickstart"])
     assert cells[3].config.run_id == same.run_id and cells[3].config.model == same.model
     assert cells[3].config.schedule == same.schedule
 

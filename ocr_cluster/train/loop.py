@@ -39,16 +39,27 @@ from ocr_cluster.train.schedule import build_optimizer, set_lr
 from ocr_cluster.train.trace import StepTrace
 
 
-def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None) -> torch.dtype | None:
-    """cluster.amp as a dtype. `auto`: bf16 where the GPU has it natively (compute capability >= 8.0, Ampere
-    on), else fp16 with the GradScaler: torch.cuda.is_bf16_supported() also says yes where bf16 is only
-    emulated (V100, T4), which is slower than fp32. None on CPU. `capability` defaults to the device's."""
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        major, _ = capability or torch.cuda.get_device_capability(device)
-        return torch.bfloat16 if major >= 8 else torch.float16
+def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None,
+              cpu_bf16: bool | None = None) -> torch.dtype | None:
+    """cluster.amp as a dtype (None = fp32). Native bf16 means a GPU of compute capability >= 8.0 (Ampere on;
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, V100 and T4, which is slower
+    than fp32) or a CPU with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids on, AMD Zen 4 on). `auto`:
+    bf16 on GPUs where native, else fp16 with the GradScaler; fp32 on CPU. `native-bf16`: bf16 where native,
+    else fp32. `capability` and `cpu_bf16` default to the device's own."""
+    if amp in ("auto", "native-bf16"):
+        if device.type == "cuda":
+            major, _ = capability or torch.cuda.get_device_capability(device)
+            return torch.bfloat16 if major >= 8 else (torch.float16 if amp == "auto" else None)
+        if device.type == "cpu" and amp == "native-bf16":
+            return torch.bfloat16 if (native_cpu_bf16() if cpu_bf16 is None else cpu_bf16) else None
+        return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16), which oneDNN's bf16 convolutions use."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, hence the fallback
+    return bool(check and check())
 
 
 def ddp_options(model: torch.nn.Module) -> dict:
@@ -225,6 +236,9 @@ class Trainer:
         self.num_nodes = max(1, self.world // max(1, context.get_local_world_size()))
         self.device = ray.train.torch.get_device()
         self.dtype = amp_dtype(cfg.cluster.amp, self.device)
+        if cfg.cluster.amp == "native-bf16" and self.rank == 0:
+            say(f"[{layout.run_id}] cluster.amp native-bf16: {str(self.dtype or 'torch.float32')[6:]} on "
+                f"{self.device.type}")
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         resume = ray.train.get_checkpoint()
