@@ -160,7 +160,6 @@ def plain_worker(cell_path: str, loader_workers: int) -> None:
     from ocr_cluster.train.layout import RunLayout
     from ocr_cluster.train.loop import Trainer, amp_dtype, ddp_options, intervals, worker_seed
     from ocr_cluster.train.progress import Progress
-    from ocr_cluster.train.schedule import build_optimizer
     from ocr_cluster.train.trace import StepTrace
 
     class Batches(torch.utils.data.IterableDataset):
@@ -189,10 +188,8 @@ def plain_worker(cell_path: str, loader_workers: int) -> None:
             torch.manual_seed(cfg.run.seed)
             self.resumed_clock = None
             model = self._build_model(fresh=True)
-            self.loss_weights = dict(model.loss_weights)
-            self.model = torch.nn.parallel.DistributedDataParallel(model, **ddp_options(model))
-            self.optimizer = build_optimizer(self.model.module, cfg.optimizer)
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+            # fast-path options, DDP, optimizer and scaler exactly as the Ray Trainer (its wrap is DDP on CPU)
+            self._prepare(model, wrap=lambda m: torch.nn.parallel.DistributedDataParallel(m, **ddp_options(m)))
             self.start_iter = 0
             torch.manual_seed(worker_seed(cfg.run.seed, rank))
             self.class_weight = torch.tensor(cfg.loss.class_weight) if cfg.loss.class_weight else None
