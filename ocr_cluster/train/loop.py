@@ -237,8 +237,8 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         self.dtype = amp_dtype(cfg.cluster.amp, self.device)
         if cfg.cluster.amp == "native-bf16" and self.rank == 0:
-            say(f"[{layout.run_id}] cluster.amp native-bf16: {str(self.dtype or 'torch.float32')[6:]} on "
-                f"{self.device.type}")
+            precision = "bf16" if self.dtype is torch.bfloat16 else "fp32"  # the only two it resolves to
+            say(f"[{layout.run_id}] cluster.amp native-bf16: {precision} on {self.device.type}")
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         resume = ray.train.get_checkpoint()
