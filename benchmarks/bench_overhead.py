@@ -23,6 +23,9 @@
            and the workers mark each start-up phase (ocr_cluster.train.phases, OCR_CLUSTER_STARTUP_TRACE): the
            table says where the time from `ray job submit` to the first logged step goes.
 
+--lean     Start the head with ocr_cluster.ray_defaults.NODE_ENV and submit every job with its JOB_ENV, as the
+           clusters ocr_cluster starts itself run (--head-env / --job-env add or override single variables).
+
 The Ray head comes from scripts/services.py, started here and stopped by its PID. Everything else lives in a
 temp dir, removed at the end. `uptime` is printed with every run.
 """
@@ -43,6 +46,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from ocr_cluster import ray_defaults  # noqa: E402
 BIN = Path(sys.executable).parent
 ITER_LINE = re.compile(r"\] iter (\d+)/\d+ \|")
 
@@ -222,16 +227,17 @@ def plain_worker(cell_path: str, loader_workers: int) -> None:
 
 
 class RayHead:
-    def __init__(self):
+    def __init__(self, node_env: dict[str, str] | None = None, job_env: dict[str, str] | None = None):
         sys.path.insert(0, str(REPO / "scripts"))
         import services
 
-        self.service = services.start_ray(num_cpus=4, object_store_mb=400)
+        self.service = services.start_ray(num_cpus=4, object_store_mb=400, node_env=node_env)
         self.env = {**os.environ, **services.RAY_ENV, **self.service.env,
                     "RAY_ADDRESS": self.service.info["dashboard_url"]}
         base = subprocess.run([sys.executable, "-m", "ocr_cluster.runtime_env", "jobs/runtime_env.yaml"],
                               env=self.env, cwd=REPO, capture_output=True, text=True, check=True).stdout
         self.runtime_env = json.loads(base)
+        self.runtime_env["env_vars"] = {**self.runtime_env.get("env_vars", {}), **(job_env or {})}
 
     def roots(self) -> list[int]:
         return list(self.service.pids)
@@ -271,7 +277,17 @@ def stop_job(head: RayHead, job: str, proc: subprocess.Popen) -> None:
 
 def read_trace(trace: Path, rank: int = 0) -> list[dict]:
     path = trace / f"rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]  # whole lines only
+
+
+def wait_for_trace(trace: Path, last: int, world: int, timeout: float = 30.0) -> None:
+    """Until every rank's step trace holds iteration `last`: rank 0 logs it, the other ranks may be a step
+    behind, and the run is stopped on that line."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not all(any(s["iter"] >= last for s in read_trace(trace, r))
+                                             for r in range(world)):
+        time.sleep(0.1)
 
 
 def window(trace: Path, first: int, last: int, world: int) -> dict:
@@ -314,6 +330,7 @@ def measured_run(way: str, tmp: Path, data: Path, head: RayHead, args, index: in
         roots[:] = head.roots()
         try:
             done = follow(proc, on_iter, args.iters, seen)
+            wait_for_trace(trace, args.iters, 2)
         finally:
             stop_job(head, job, proc)
     else:
@@ -327,13 +344,13 @@ def measured_run(way: str, tmp: Path, data: Path, head: RayHead, args, index: in
         roots[:] = [proc.pid]
         try:
             done = follow(proc, on_iter, args.iters, seen)
+            wait_for_trace(trace, args.iters, 2)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
     if done is None or set(snaps) != {args.warmup, args.iters}:
         raise RuntimeError(f"{way}: no iter {args.iters} line:\n" + "".join(seen[-30:]))
-    time.sleep(0.5)  # the trace line of the last step is written before its log line; let the file settle
     result = window(trace, args.warmup, args.iters, 2)
     (_, c0), (_, c1) = snaps[args.warmup], snaps[args.iters]
     steps = args.iters - args.warmup
@@ -480,6 +497,12 @@ def main() -> int:
                         help="torchrun side: DataLoader worker processes per rank (0: decode on the training thread)")
     parser.add_argument("--ways", default="ray,torchrun", help="--steps: which sides, in the first round's order")
     parser.add_argument("--warm-jobs", type=int, default=1, help="jobs run on the fresh head before measuring")
+    parser.add_argument("--lean", action="store_true",
+                        help="the head and jobs with ocr_cluster.ray_defaults, as the clusters ocr_cluster starts")
+    parser.add_argument("--head-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable of the Ray head (ray start), repeatable")
+    parser.add_argument("--job-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an env_vars entry of every job's runtime env, repeatable")
     parser.add_argument("--plain-worker", metavar="CELL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_worker:
@@ -490,13 +513,19 @@ def main() -> int:
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
         os.environ[key] = value
     tmp = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
+    if args.lean:
+        print(f"lean: head env {ray_defaults.NODE_ENV}, job env {ray_defaults.JOB_ENV}", flush=True)
+    if args.head_env or args.job_env:
+        print(f"head env {args.head_env}, job env {args.job_env}", flush=True)
     print(f"machine: {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {uptime()}", flush=True)
     head = None
     try:
         data = tmp / "data"
         subprocess.run([str(BIN / "ocr-cluster"), "data", "synth", str(data)], cwd=REPO, check=True,
                        capture_output=True)
-        head = RayHead()
+        lean = args.lean and ray_defaults
+        head = RayHead({**(lean and lean.NODE_ENV or {}), **dict(kv.split("=", 1) for kv in args.head_env)},
+                       {**(lean and lean.JOB_ENV or {}), **dict(kv.split("=", 1) for kv in args.job_env)})
         print(f"Ray head up ({head.service.info['address']}), {uptime()}", flush=True)
         for i in range(args.warm_jobs):  # a warm cluster: one job has run on it
             startup_once(tmp, data, head, 100 + i)
