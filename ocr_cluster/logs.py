@@ -20,6 +20,8 @@ import os
 import socket
 import warnings
 
+from ocr_cluster import ray_defaults
+
 VERBOSE_ENV = "OCR_CLUSTER_VERBOSE"
 WORKER_HOOK = "ocr_cluster.logs.quiet_worker"
 
@@ -89,9 +91,8 @@ def ray_init_options(local: bool) -> dict:
         port = _free_port()
         options.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
         # A cluster this process starts (and stops) is never drained by a cloud provider: no preemption
-        # watcher, whose actor logs a core-worker error when it is created.
-        runtime_env["env_vars"] = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
-                                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+        # watcher (whose actor also logs a core-worker error when it is created), as ray_defaults says.
+        runtime_env["env_vars"] = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **ray_defaults.JOB_ENV}
     if not verbose():
         if local:  # Ray's notice that it turned on its default (token auth) for the cluster it starts
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(

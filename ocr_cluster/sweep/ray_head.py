@@ -24,6 +24,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ocr_cluster.ray_defaults import JOB_ENV, NODE_ENV, under
+
+# The job's variables too: a Tune trial's TorchTrainer (slurm-tune) passes on what its own process has,
+# which is the node's environment.
+OWN_CLUSTER_ENV = {**NODE_ENV, **JOB_ENV}
 # Every Ray process: loopback only, no usage stats, no 30 s drain on SIGTERM.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -159,7 +164,8 @@ def spawn_head(num_cpus: int, num_gpus: int | None = None, object_store_mb: int 
     address = f"{node_ip}:{ports['port']}"
     # RAY_ADDRESS for the head's own processes too: Ray Train's actors use the state API, which would
     # otherwise find several Ray instances on a shared node and refuse to pick one.
-    env = {**(base_env if base_env is not None else os.environ), **client_env, "RAY_ADDRESS": address}
+    env = {**under(base_env if base_env is not None else dict(os.environ), OWN_CLUSTER_ENV), **client_env,
+           "RAY_ADDRESS": address}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     cmd = [ray_executable(), "start", "--head", "--block", f"--node-ip-address={node_ip}",
            *(f"--{flag}={port}" for flag, port in ports.items()), "--include-dashboard=true",
@@ -177,7 +183,8 @@ def spawn_node(head_address: str, node_ip: str, token: str, num_cpus: int, num_g
     temp_dir = Path(tempfile.mkdtemp(prefix="ocrn_", dir="/tmp"))
     ports = dict(zip(NODE_PORT_FLAGS, free_ports(len(NODE_PORT_FLAGS), node_ip)))
     client_env = cluster_env(node_ip, token)
-    env = {**(base_env if base_env is not None else os.environ), **client_env, "RAY_ADDRESS": head_address}
+    env = {**under(base_env if base_env is not None else dict(os.environ), OWN_CLUSTER_ENV), **client_env,
+           "RAY_ADDRESS": head_address}
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     cmd = [ray_executable(), "start", f"--address={head_address}", "--block", f"--node-ip-address={node_ip}",
            *(f"--{flag}={port}" for flag, port in ports.items()), f"--temp-dir={temp_dir}",

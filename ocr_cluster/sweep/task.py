@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import submitit
 
+from ocr_cluster.ray_defaults import JOB_ENV, NODE_ENV, under
+
 # Process handles of the running attempt. Kept out of the callable: submitit pickles it on checkpoint.
 _RUNNING: dict[str, Any] = {}
 # An exit by any of these means the driver was stopped (Ray's SIGTERM handler exits with 15), not that it failed.
@@ -200,7 +202,8 @@ class _AllocationTask(submitit.helpers.Checkpointable):
                     error = f"the cell's Ray cluster did not form: {what}"
                 fail(error, before)
                 raise CellFailed(error) from None
-            env = {**base_env, **head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1"}
+            env = {**under(base_env, {**NODE_ENV, **JOB_ENV}), **head.env, "RAY_ADDRESS": head.address,
+                   "PYTHONUNBUFFERED": "1"}
             env.pop(TOKEN_VAR, None)  # the driver has RAY_AUTH_TOKEN; nothing it starts needs the launch's
             driver = _RUNNING["driver"] = subprocess.Popen(command, env=env, stdout=None, stderr=subprocess.PIPE,
                                                            text=True, start_new_session=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ocr_cluster import logs, storage
+from ocr_cluster import logs, ray_defaults, storage
 from ocr_cluster.config import Config, with_dataset
 from ocr_cluster.errors import ReportedFailure, UserInputError
 from ocr_cluster.train import phases
@@ -214,6 +214,7 @@ def connect_ray(cfg: Config, layout: RunLayout) -> None:
     workers_cpus = layout.world * cfg.cluster.cpus_per_worker
     # Logical CPUs beyond the workers' share, so Ray Data's read and decode tasks can run beside them.
     num_cpus = max(os.cpu_count() or 1, int(workers_cpus) + 2)
+    ray_defaults.set_node_env()
     ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **logs.ray_init_options(local=True))
 
 
