@@ -523,9 +523,9 @@ def main() -> int:
         data = tmp / "data"
         subprocess.run([str(BIN / "ocr-cluster"), "data", "synth", str(data)], cwd=REPO, check=True,
                        capture_output=True)
-        lean = args.lean and ray_defaults
-        head = RayHead({**(lean and lean.NODE_ENV or {}), **dict(kv.split("=", 1) for kv in args.head_env)},
-                       {**(lean and lean.JOB_ENV or {}), **dict(kv.split("=", 1) for kv in args.job_env)})
+        node_env, job_env = (ray_defaults.NODE_ENV, ray_defaults.JOB_ENV) if args.lean else ({}, {})
+        head = RayHead({**node_env, **dict(kv.split("=", 1) for kv in args.head_env)},
+                       {**job_env, **dict(kv.split("=", 1) for kv in args.job_env)})
         print(f"Ray head up ({head.service.info['address']}), {uptime()}", flush=True)
         for i in range(args.warm_jobs):  # a warm cluster: one job has run on it
             startup_once(tmp, data, head, 100 + i)

@@ -22,6 +22,10 @@ JOB_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # polls for node drains, which only a cloud autoscaler starts
 }
 
+# Both, for a node we start and for a driver we start on it: a Tune trial's TorchTrainer (slurm-tune) passes
+# on what its own process has, which is the node's environment.
+OWN_CLUSTER_ENV = {**NODE_ENV, **JOB_ENV}
+
 
 def under(env: dict[str, str], defaults: dict[str, str]) -> dict[str, str]:
     """`env` with `defaults` added where it has no value of its own."""

@@ -72,7 +72,7 @@ def test_private_head_runs_with_the_defaults_and_the_node_env_wins(tmp_path):
             env = _environ(pid)
             assert {key: env.get(key) for key in want} == want
         # As the cell's driver is started (sweep.task): the defaults under the node's environment.
-        env = {**ray_defaults.under(dict(os.environ), {**ray_defaults.NODE_ENV, **ray_defaults.JOB_ENV}),
+        env = {**ray_defaults.under(dict(os.environ), ray_defaults.OWN_CLUSTER_ENV),
                **head.env, "RAY_ADDRESS": head.address}
         out = subprocess.run([sys.executable, "-c", CLIENT], env=env, capture_output=True, text=True,
                              timeout=180, cwd=tmp_path)

@@ -24,11 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ocr_cluster.ray_defaults import JOB_ENV, NODE_ENV, under
+from ocr_cluster.ray_defaults import OWN_CLUSTER_ENV, under
 
-# The job's variables too: a Tune trial's TorchTrainer (slurm-tune) passes on what its own process has,
-# which is the node's environment.
-OWN_CLUSTER_ENV = {**NODE_ENV, **JOB_ENV}
 # Every Ray process: loopback only, no usage stats, no 30 s drain on SIGTERM.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}

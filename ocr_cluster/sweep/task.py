@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import submitit
 
-from ocr_cluster.ray_defaults import JOB_ENV, NODE_ENV, under
+from ocr_cluster.ray_defaults import OWN_CLUSTER_ENV, under
 
 # Process handles of the running attempt. Kept out of the callable: submitit pickles it on checkpoint.
 _RUNNING: dict[str, Any] = {}
@@ -202,7 +202,7 @@ class _AllocationTask(submitit.helpers.Checkpointable):
                     error = f"the cell's Ray cluster did not form: {what}"
                 fail(error, before)
                 raise CellFailed(error) from None
-            env = {**under(base_env, {**NODE_ENV, **JOB_ENV}), **head.env, "RAY_ADDRESS": head.address,
+            env = {**under(base_env, OWN_CLUSTER_ENV), **head.env, "RAY_ADDRESS": head.address,
                    "PYTHONUNBUFFERED": "1"}
             env.pop(TOKEN_VAR, None)  # the driver has RAY_AUTH_TOKEN; nothing it starts needs the launch's
             driver = _RUNNING["driver"] = subprocess.Popen(command, env=env, stdout=None, stderr=subprocess.PIPE,
