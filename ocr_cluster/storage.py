@@ -20,7 +20,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from ocr_cluster.errors import UserInputError
 
@@ -116,6 +118,16 @@ def read_bytes(url: str) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError:
         raise StorageError(f"not found: {url}") from None
+
+
+def parquet_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file's bytes as a table, read on this thread.
+
+    pq.read_table starts Arrow's C++ thread pools; a short CLI process that started them can abort
+    at exit tearing them down ("terminate called without an active exception", apache/arrow#34314),
+    and for the small files read here the pools buy nothing.
+    """
+    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
 
 
 def write_bytes_atomic(url: str, data: bytes) -> str:

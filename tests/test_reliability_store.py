@@ -65,6 +65,35 @@ def test_existing_s3_store_without_runs_is_a_warning(cli, s3):
     assert f"warning: no runs in {store} match" in result.stderr
 
 
+_NATIVE_THREADS_AFTER_TABLE = """
+import os, sys, threading
+from ocr_cluster import cli, config
+from ocr_cluster.results import compact, row_from_config, write_run, write_sweep_manifest
+store = sys.argv[1]
+cfg = config.load(None, ["data.dataset=cityscapes", "schedule.iters=40000"])
+row = row_from_config(cfg, status="completed", miou=70.0)
+write_run(store, row); compact(store); write_run(store, dict(row, miou=71.0))  # an index and a loose row
+write_sweep_manifest(store, "grid", [row["run_id"]])
+native = lambda: len(os.listdir("/proc/self/task")) - threading.active_count()
+before = native()
+assert cli.main(["results", "table", "--store", store, "--sweep", "grid"]) == 0
+print("native threads started:", native() - before)
+"""
+
+
+def test_results_table_starts_no_arrow_thread_pool(tmp_path):
+    """Arrow's C++ pools, once started, can abort a short process at exit (apache/arrow#34314): seen
+    once in CI as `results table` dying of SIGABRT after printing its answer. Reading the index, the
+    rows and the sweep manifest must not start them."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _NATIVE_THREADS_AFTER_TABLE, str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "native threads started: 0" in result.stdout, result.stdout + result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # endpoints and credentials
 

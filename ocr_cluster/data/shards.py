@@ -237,7 +237,7 @@ def read_shard(manifest: Manifest, shard: ShardInfo, *, verify: bool | str = Tru
     data = read_shard_bytes(manifest, shard, verify=verify)
     uri = manifest.shard_uri(shard)
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=columns)
+        table = storage.parquet_table(data, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"shard {uri} is not a readable Parquet file ({exc})") from None
     if table.num_rows != shard.num_samples:

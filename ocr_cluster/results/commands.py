@@ -123,14 +123,13 @@ def _cell_axes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             print(f"warning: {note}", file=sys.stderr)
         # Ids from before the fingerprint was part of them (and unreadable datasets') match too.
         return {**{c.run_id: c.axes for c in cells}, **{c.run_id: c.axes for c in resolved}}
-    import pyarrow.parquet as pq
 
     from ocr_cluster import storage
     from ocr_cluster.results.store import sweep_manifest_uri
 
     uri = sweep_manifest_uri(args.store, args.sweep)
     try:
-        rows = pq.read_table(pa.BufferReader(storage.read_bytes(uri))).to_pylist()
+        rows = storage.parquet_table(storage.read_bytes(uri)).to_pylist()
     except Exception:  # noqa: BLE001 - no manifest (a sweep not launched by `sweep launch`): seeds' layout
         return {}
     return {r["run_id"]: json.loads(r["axes"]) for r in rows if r.get("axes")}

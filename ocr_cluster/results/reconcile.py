@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from ocr_cluster import storage
@@ -27,7 +25,7 @@ def read_sweep_manifest(uri: str) -> list[str]:
     suffix = Path(uri).suffix.lower()
     try:
         if suffix == ".parquet":
-            return [str(v) for v in pq.read_table(pa.BufferReader(data), columns=["run_id"])["run_id"].to_pylist()]
+            return [str(v) for v in storage.parquet_table(data, columns=["run_id"])["run_id"].to_pylist()]
         text = data.decode()
         if suffix in (".json", ".yaml", ".yml"):
             items = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
