@@ -162,6 +162,7 @@ def plain_worker(cell_path: str, loader_workers: int) -> None:
 
     from ocr_cluster import config
     from ocr_cluster.data.pipeline import iter_train, open_dataset
+    from ocr_cluster.train import host
     from ocr_cluster.train.layout import RunLayout
     from ocr_cluster.train.loop import Trainer, amp_dtype, ddp_options, intervals, worker_seed
     from ocr_cluster.train.progress import Progress
@@ -206,6 +207,7 @@ def plain_worker(cell_path: str, loader_workers: int) -> None:
             self.trace = StepTrace(rank)
             self.progress = Progress(cfg, layout, 0, rank, images_per_iter=cfg.data.batch_size)
 
+    host.keep_freed_memory()  # as train_fn_per_worker does
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = config.load(cell_path)

@@ -26,6 +26,11 @@ pair (median and range). Wall-time and CPU-time (process, all threads) ratios ar
 shared machine CPU time is distorted less. Training batch 1 cannot run DeepLabV3+ (its image-pool BN
 sees one value per channel): use --batch 2 for dlv3p.
 
+malloc: CPU tensors come from glibc's malloc, whose settings move CPU times by 10-30 % (page faults;
+ocr_cluster/train/host.py). By default each side runs as it ships: ours with the thresholds our training
+ranks and `ocr-cluster eval` set, mmseg with glibc's defaults. `--malloc both-tuned` / `both-default`
+give both sides the same settings, which compares the model code alone.
+
 Weights: mmseg's own constructor init under torch.manual_seed(0), saved once per model to
 --cache/<model>.pth and loaded into ours with `convert.load_checkpoint` (strict), so both sides
 compute on the same values. Inputs: N(0, 1) images and uniform labels over the classes with 5 %
@@ -33,6 +38,7 @@ ignore (255), from a seeded generator (the same bytes on both sides).
 
     .venv/bin/python benchmarks/bench_train.py                              # CPU, every model
     .venv/bin/python benchmarks/bench_train.py --models hr18s hr48 --pairs 3 --json /tmp/bt.json
+    .venv/bin/python benchmarks/bench_train.py --malloc both-tuned                # the model code alone
     .venv/bin/python benchmarks/bench_train.py --device cuda [--amp bf16] --crop 512 1024 --eval-size 1024 2048
 
 Results: benchmarks/README.md, section "Training and inference vs mmseg 1.2.2".
@@ -192,6 +198,11 @@ def worker(args) -> int:
     line with per-iteration wall and CPU times and the peak memory of that request."""
     import torch
 
+    if args.malloc == "both-tuned" or (args.malloc == "shipped" and args.side == "ours"):
+        sys.path.insert(0, str(REPO))  # host.py needs only the standard library, also in mmseg's env
+        from ocr_cluster.train import host
+
+        host.keep_freed_memory()  # what our training ranks and `ocr-cluster eval` do
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = MODELS[args.model]
@@ -259,7 +270,7 @@ class Side:
                "--device", args.device, "--threads", str(args.threads), "--batch", str(args.batch),
                "--crop", *map(str, args.crop), "--eval-size", *map(str, args.eval_size), "--cache", args.cache,
                "--amp", args.amp, "--warmup", str(args.warmup), "--infer-warmup", str(args.infer_warmup),
-               "--iters", str(iters), "--infer-iters", str(infer_iters)]
+               "--iters", str(iters), "--infer-iters", str(infer_iters), "--malloc", args.malloc]
         self.name = f"{side} {model}"
         self.stderr = open(Path(args.cache) / f"{side}_{model}.stderr", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -356,6 +367,9 @@ def main(argv=None) -> int:
     parser.add_argument("--infer-warmup", type=int, default=1, help="untimed inferences (first infer request)")
     parser.add_argument("--infer-iters", type=int, default=0, help="timed inferences per run (0: 1)")
     parser.add_argument("--cache", default="/tmp/bench_train", help="the shared init weights")
+    parser.add_argument("--malloc", default="shipped", choices=["shipped", "both-tuned", "both-default"],
+                        help="glibc malloc settings: as each side ships (ours: train/host.py's thresholds, mmseg: "
+                             "glibc's defaults), ours' on both sides, or glibc's defaults on both")
     parser.add_argument("--json", help="write every run here")
     parser.add_argument("--parallel", type=int, default=1,
                         help="models benchmarked at once (each alternates its own two workers; CPU-time "
@@ -368,7 +382,8 @@ def main(argv=None) -> int:
         return worker(args)
 
     Path(args.cache).mkdir(parents=True, exist_ok=True)
-    print(f"# bench_train: device {args.device}, amp {args.amp}, threads {args.threads}, train batch {args.batch} "
+    print(f"# bench_train: device {args.device}, amp {args.amp}, threads {args.threads}, malloc {args.malloc}, "
+          f"train batch {args.batch} "
           f"crop {args.crop[0]}x{args.crop[1]}, eval {args.eval_size[0]}x{args.eval_size[1]}, {args.pairs} pairs; "
           f"load {os.getloadavg()}", flush=True)
     lock = threading.Lock()

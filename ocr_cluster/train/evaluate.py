@@ -15,6 +15,7 @@ import torch
 from ocr_cluster import config as config_mod
 from ocr_cluster.data.pipeline import iter_eval, open_dataset
 from ocr_cluster.models import build_model, load_checkpoint
+from ocr_cluster.train import host
 from ocr_cluster.train.inference import InferenceSettings, evaluate
 from ocr_cluster.train.metrics import IoUMetric
 
@@ -27,6 +28,7 @@ def run_eval(cfg: config_mod.Config, checkpoint: str, *, ms_flip: bool = False, 
                         dropout_ratio=cfg.model.dropout_ratio)
     load_checkpoint(model, checkpoint)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    host.keep_freed_memory()
     model.to(target).eval()
     metric = IoUMetric(num_classes)
     settings = InferenceSettings.from_config(cfg.evaluation, model.final_head.align_corners, ms_flip=ms_flip, mode=mode,

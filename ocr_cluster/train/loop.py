@@ -27,7 +27,7 @@ from ocr_cluster.data.pipeline import (Stats, epochs_for, iter_eval, open_datase
                                        train_dataset)
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
-from ocr_cluster.train import checkpoint, fastpath, phases
+from ocr_cluster.train import checkpoint, fastpath, host, phases
 from ocr_cluster.train.clock import RunClock
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
 from ocr_cluster.train.input_errors import bad_input_ends_the_run
@@ -172,6 +172,7 @@ def _gather(value, world: int) -> list:
 def train_fn_per_worker(loop_config: dict) -> None:
     phases.mark("worker_fn", rank=ray.train.get_context().get_world_rank())
     logs.train_worker()
+    host.keep_freed_memory()  # CPU steps reuse freed activations instead of page-faulting them in again
     with bad_input_ends_the_run():  # a retry would meet the same bad sample or weights again
         trainer = Trainer(config_mod.loads_yaml(loop_config["config_yaml"]), loop_config.get("skip_counter"),
                           loop_config.get("launch"))
