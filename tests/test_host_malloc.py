@@ -38,7 +38,6 @@ def _run(mode: str, **env: str) -> tuple[str, list[int]]:
     return lines["applied"], [int(n) for n in lines["faults"].split()]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_steps_stop_faulting_with_the_thresholds():
     applied, faults = _run("on")
     assert applied == "True"
