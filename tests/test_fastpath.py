@@ -9,6 +9,7 @@ compile: test_models_compile.py). torch.compile runs inductor, as a run does: tw
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
 import pytest
@@ -137,6 +138,16 @@ def test_the_options_together_under_ddp_with_accumulation(tmp_path):
     assert trainer.model.module.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(group["fused"] for group in trainer.optimizer.param_groups)
     assert _close(losses, reference), f"{losses} vs the default's {reference}"
+
+
+@pytest.fixture(autouse=True)
+def _free_the_ddp_here():
+    """Dynamo's caches keep the compiled DDP, and through its reducer the gloo group, alive after the test. Freed
+    later in a forked child (other tests fork writers), the group's destructor detaches threads the child does
+    not have and aborts it (one CI run: SIGABRT in test_fidelity_results). Free them here, where they exist."""
+    yield
+    torch._dynamo.reset()
+    gc.collect()
 
 
 def _saved(trainer: Trainer, directory) -> dict:

@@ -15,7 +15,7 @@ from ocr_cluster.results import compact, published, read_runs, row_from_config, 
 from ocr_cluster.results import store as store_mod
 
 JOBS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs").glob("*/*.yaml") if p.parent.name != "_base_")
-FORK = mp.get_context("fork")
+ANOTHER_NODE = mp.get_context("spawn")  # a fresh interpreter: its own s3fs instance and listing cache
 
 
 # --------------------------------------------------------------------------------------------- published
@@ -85,7 +85,7 @@ def _write_elsewhere(store: str, i: int) -> None:
 
 def write_from_another_process(store: str, i: int) -> None:
     """A writer with its own s3fs instance and listing cache, as another node would be."""
-    child = FORK.Process(target=_write_elsewhere, args=(store, i))
+    child = ANOTHER_NODE.Process(target=_write_elsewhere, args=(store, i))
     child.start()
     child.join(60)
     assert child.exitcode == 0
