@@ -164,7 +164,8 @@ def plain_worker(cell_path: str, loader_workers: int) -> None:
     from ocr_cluster.data.pipeline import iter_train, open_dataset
     from ocr_cluster.train import host
     from ocr_cluster.train.layout import RunLayout
-    from ocr_cluster.train.loop import Trainer, amp_dtype, ddp_options, intervals, worker_seed
+    from ocr_cluster.train.fastpath import amp_dtype, ddp_options
+    from ocr_cluster.train.loop import Trainer, intervals, worker_seed
     from ocr_cluster.train.progress import Progress
     from ocr_cluster.train.trace import StepTrace
 

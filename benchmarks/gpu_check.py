@@ -38,7 +38,8 @@ import torch
 from ocr_cluster import config
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.train.inference import measure_fps
-from ocr_cluster.train.loop import Trainer, TrainingPeak, amp_dtype, ddp_options
+from ocr_cluster.train.fastpath import amp_dtype, ddp_options
+from ocr_cluster.train.loop import Trainer, TrainingPeak
 from ocr_cluster.train.losses import segmentation_loss
 from ocr_cluster.train.progress import Progress
 from ocr_cluster.train.trace import StepTrace

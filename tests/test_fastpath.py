@@ -18,7 +18,8 @@ from torch import nn
 
 from ocr_cluster import config
 from ocr_cluster.train import checkpoint, fastpath
-from ocr_cluster.train.loop import Trainer, ddp_options
+from ocr_cluster.train.fastpath import ddp_options
+from ocr_cluster.train.loop import Trainer
 from ocr_cluster.train.trace import StepTrace
 
 TOL = 1e-4  # relative, on each step's loss

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ocr_cluster.train.loop import amp_dtype, native_cpu_bf16
+from ocr_cluster.train.fastpath import amp_dtype, native_cpu_bf16
 
 
 def test_amp_auto_picks_bf16_only_where_it_is_native():
@@ -103,7 +103,7 @@ def test_a_nan_loss_is_caught_before_a_checkpoint_between_log_lines():
 
 
 def test_cudnn_benchmark_is_switched_for_a_block_and_restored():
-    from ocr_cluster.train.loop import cudnn_benchmark
+    from ocr_cluster.train.fastpath import cudnn_benchmark
 
     before = torch.backends.cudnn.benchmark
     try:
@@ -243,7 +243,7 @@ def test_measure_fps_times_the_post_processing_at_the_original_size(monkeypatch)
 
 def test_ddp_skips_the_buffer_broadcast_only_with_syncbn():
     from ocr_cluster.models import convert_sync_batchnorm
-    from ocr_cluster.train.loop import ddp_options
+    from ocr_cluster.train.fastpath import ddp_options
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     assert ddp_options(model) == {}  # plain BN: DDP broadcasts rank 0's running statistics, as mmseg

@@ -1,6 +1,7 @@
-"""The GPU fast path's wiring: channels-last memory format, torch.compile, the optimizer's kernels
-(cluster.channels_last, cluster.compile, cluster.optimizer_impl; bf16 autocast is cluster.amp, cuDNN's
-benchmark mode is always on for training on CUDA: loop.Trainer.start).
+"""The GPU fast path's wiring: the autocast dtype (cluster.amp), channels-last memory format,
+torch.compile, the optimizer's kernels (cluster.channels_last, cluster.compile, cluster.optimizer_impl),
+DDP's options, and cuDNN's benchmark mode (always on for training on CUDA: loop.Trainer.start; off for
+evaluation and the fps run).
 
 The order is fixed here once, because each step depends on the one before:
 
@@ -17,6 +18,7 @@ and evaluation (image sizes that vary, each of which would recompile) runs eager
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 
@@ -78,3 +80,46 @@ def prepare(model: nn.Module, cluster: ClusterSection,
 def training_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A training batch in the model's memory format (a copy on the device; a no-op when already so)."""
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None,
+              cpu_bf16: bool | None = None) -> torch.dtype | None:
+    """cluster.amp as a dtype (None = fp32). Native bf16 means a GPU of compute capability >= 8.0 (Ampere on;
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, V100 and T4, which is slower
+    than fp32) or a CPU with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids on, AMD Zen 4 on). `auto`:
+    bf16 on GPUs where native, else fp16 with the GradScaler; fp32 on CPU. `native-bf16`: bf16 where native,
+    else fp32. `capability` and `cpu_bf16` default to the device's own."""
+    if amp in ("auto", "native-bf16"):
+        if device.type == "cuda":
+            major, _ = capability or torch.cuda.get_device_capability(device)
+            return torch.bfloat16 if major >= 8 else (torch.float16 if amp == "auto" else None)
+        if device.type == "cpu" and amp == "native-bf16":
+            return torch.bfloat16 if (native_cpu_bf16() if cpu_bf16 is None else cpu_bf16) else None
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16), which oneDNN's bf16 convolutions use."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, hence the fallback
+    return bool(check and check())
+
+
+def ddp_options(model: nn.Module) -> dict:
+    """DistributedDataParallel's options for `model`. With SyncBN every rank computes the same running
+    statistics (from the global batch), so DDP's broadcast of rank 0's buffers each forward is redundant."""
+    syncbn = any(isinstance(module, nn.SyncBatchNorm) for module in model.modules())
+    return {"broadcast_buffers": False} if syncbn else {}
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """cuDNN's autotuner on or off for a block, restored after. On for training (fixed-size crops: each
+    convolution's fastest algorithm is found once); off for evaluation and the fps run, whose image sizes
+    vary and where mmseg measures without it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -39,49 +39,6 @@ from ocr_cluster.train.schedule import build_optimizer, set_lr
 from ocr_cluster.train.trace import StepTrace
 
 
-def amp_dtype(amp: str, device: torch.device, capability: tuple[int, int] | None = None,
-              cpu_bf16: bool | None = None) -> torch.dtype | None:
-    """cluster.amp as a dtype (None = fp32). Native bf16 means a GPU of compute capability >= 8.0 (Ampere on;
-    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, V100 and T4, which is slower
-    than fp32) or a CPU with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids on, AMD Zen 4 on). `auto`:
-    bf16 on GPUs where native, else fp16 with the GradScaler; fp32 on CPU. `native-bf16`: bf16 where native,
-    else fp32. `capability` and `cpu_bf16` default to the device's own."""
-    if amp in ("auto", "native-bf16"):
-        if device.type == "cuda":
-            major, _ = capability or torch.cuda.get_device_capability(device)
-            return torch.bfloat16 if major >= 8 else (torch.float16 if amp == "auto" else None)
-        if device.type == "cpu" and amp == "native-bf16":
-            return torch.bfloat16 if (native_cpu_bf16() if cpu_bf16 is None else cpu_bf16) else None
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16), which oneDNN's bf16 convolutions use."""
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, hence the fallback
-    return bool(check and check())
-
-
-def ddp_options(model: torch.nn.Module) -> dict:
-    """DistributedDataParallel's options for `model`. With SyncBN every rank computes the same running
-    statistics (from the global batch), so DDP's broadcast of rank 0's buffers each forward is redundant."""
-    syncbn = any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
-    return {"broadcast_buffers": False} if syncbn else {}
-
-
-@contextlib.contextmanager
-def cudnn_benchmark(enabled: bool):
-    """cuDNN's autotuner on or off for a block, restored after. On for training (fixed-size crops: each
-    convolution's fastest algorithm is found once); off for evaluation and the fps run, whose image sizes
-    vary and where mmseg measures without it."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
 def intervals(cfg: config_mod.Config) -> tuple[int, int]:
     """(checkpoint, evaluation) intervals in iterations; 0 in the config = a tenth of the run."""
     tenth = max(1, cfg.schedule.iters // 10)
@@ -236,7 +193,7 @@ class Trainer:
             raise RuntimeError(f"Ray Train started {self.world} workers; the config asks for {layout.world}")
         self.num_nodes = max(1, self.world // max(1, context.get_local_world_size()))
         self.device = ray.train.torch.get_device()
-        self.dtype = amp_dtype(cfg.cluster.amp, self.device)
+        self.dtype = fastpath.amp_dtype(cfg.cluster.amp, self.device)
         if cfg.cluster.amp == "native-bf16" and self.rank == 0:
             precision = "bf16" if self.dtype is torch.bfloat16 else "fp32"  # the only two it resolves to
             say(f"[{layout.run_id}] cluster.amp native-bf16: {precision} on {self.device.type}")
@@ -251,7 +208,7 @@ class Trainer:
         model = self._build_model(fresh=resume is None)
         phases.mark("model_built", rank=self.rank)
         self._prepare(model, wrap=lambda model: ray.train.torch.prepare_model(
-            model, move_to_device=self.device, parallel_strategy_kwargs=ddp_options(model)))
+            model, move_to_device=self.device, parallel_strategy_kwargs=fastpath.ddp_options(model)))
         phases.mark("ddp", rank=self.rank)
         if resume is not None:
             self.start_iter = self._resume(resume)
@@ -400,7 +357,7 @@ class Trainer:
     def evaluate(self, ms_flip: bool = False) -> dict:
         self.memory.note()  # training's peak so far; the evaluation's own is not counted
         try:
-            with cudnn_benchmark(False):
+            with fastpath.cudnn_benchmark(False):
                 return run_evaluation(self.model, self.cfg, self.manifest, self.rank, self.world, self.device,
                                       self.dtype, ms_flip=ms_flip)
         finally:
@@ -421,7 +378,7 @@ class Trainer:
             skipped = self.skipped_samples(scores)
             if cfg.data.skip_bad_samples:
                 say(f"[{self.layout.run_id}] skipped {skipped} bad sample(s) (data.skip_bad_samples)")
-            with cudnn_benchmark(False):
+            with fastpath.cudnn_benchmark(False):
                 fps = fps_on_val(self.model, cfg, self.manifest, device, self.dtype)
             write_completed(cfg, self.layout, list(self.manifest.classes), scores, ms_scores, fps=fps,
                             mem_gb=mem_gb, train_time_s=train_time, total_time_s=total_time,
