@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from ocr_cluster.data import DataError, codec
-from ocr_cluster.data import transforms as T
+from ocr_cluster.data import photometric as P, transforms as T
 from ocr_cluster.data.synth import SynthSpec, palette, render
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -157,24 +157,24 @@ def test_photometric_matches_mmseg_arithmetic():
     def convert(x, alpha=1.0, beta=0.0):  # mmseg PhotoMetricDistortion.convert
         return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
-    out = T.apply_photometric(image, T.PhotometricDraw(20.7, True, 1.3, None, None))
+    out = P.apply_photometric(image, P.PhotometricDraw(20.7, True, 1.3, None, None))
     assert np.array_equal(out, convert(convert(image, beta=20.7), alpha=1.3))
-    out = T.apply_photometric(image, T.PhotometricDraw(-31.2, False, 0.6, None, None))
+    out = P.apply_photometric(image, P.PhotometricDraw(-31.2, False, 0.6, None, None))
     assert np.array_equal(out, convert(convert(image, beta=-31.2), alpha=0.6))
-    same = T.apply_photometric(image, T.PhotometricDraw(None, False, None, 1.0, 0))
+    same = P.apply_photometric(image, P.PhotometricDraw(None, False, None, 1.0, 0))
     assert np.abs(same.astype(int) - image).mean() < 2  # an HSV round trip with no change is near identity
     grey = np.full((4, 4, 3), 100, np.uint8)
-    hued = T.apply_photometric(grey, T.PhotometricDraw(None, False, None, 1.5, 18))
+    hued = P.apply_photometric(grey, P.PhotometricDraw(None, False, None, 1.5, 18))
     assert np.array_equal(hued, grey)  # no saturation: hue and saturation change nothing
     red = np.zeros((2, 2, 3), np.uint8)
     red[..., 2] = 200  # BGR
-    green = T.apply_photometric(red, T.PhotometricDraw(None, False, None, None, 60))  # +60 = +120 degrees
+    green = P.apply_photometric(red, P.PhotometricDraw(None, False, None, None, 60))  # +60 = +120 degrees
     assert green[0, 0].tolist() == [0, 200, 0]
 
 
 def test_photometric_draws_follow_mmseg_probabilities():
     rng = np.random.default_rng(0)
-    draws = [T.draw_photometric(rng) for _ in range(4000)]
+    draws = [P.draw_photometric(rng) for _ in range(4000)]
     for attr in ("brightness", "contrast", "saturation", "hue"):
         fired = np.mean([getattr(d, attr) is not None for d in draws])
         assert 0.46 < fired < 0.54, attr
@@ -311,11 +311,11 @@ def test_fused_photometric_and_normalisation_equal_mmseg_step_by_step():
     for image in (noise, smooth, frame[7:47, 11:67]):
         for seed in range(400):
             want = _mmseg_photometric(np.ascontiguousarray(image), np.random.RandomState(seed))
-            draw = T.draw_photometric(T.LegacyRandom(np.random.RandomState(seed)))
+            draw = P.draw_photometric(T.LegacyRandom(np.random.RandomState(seed)))
             branches.add(tuple(v is not None for v in (draw.brightness, draw.contrast, draw.saturation, draw.hue))
                          + (draw.contrast_first,))
-            assert np.array_equal(T.apply_photometric(image, draw), want), seed
-            fused, tail = T.photometric_steps(image, draw)
+            assert np.array_equal(P.apply_photometric(image, draw), want), seed
+            fused, tail = P.photometric_steps(image, draw)
             assert np.array_equal(T.normalize_image(fused, MEAN, STD, first=tail), T.normalize_image(want, MEAN, STD))
     assert len(branches) == 32  # every combination of the four steps and both orders was exercised
 
