@@ -18,6 +18,9 @@
   g  SyncBN's real sync path under compile: two gloo ranks on this one GPU, a small conv-BN net with
      SyncBatchNorm, channels_last and fused SGD, eager and compiled: the same losses (fp32, 1e-4), and how
      often dynamo breaks the graph at a SyncBatchNorm (pytorch#161302)
+  h  (run after d) the training input's host-to-device path (data/batches.TrainCollate + Ray Data's finalize
+     step): pinned host tensors, uint8 labels across, int64 on the device, values unchanged; uint8 crops
+     normalised on the GPU (cluster.normalize_on device) without a host sync, equal to the CPU's values
 
 Each check prints PASS or FAIL with its numbers; the exit status is 1 when any failed. Without a CUDA device
 it prints "no CUDA device: nothing to check" and exits 0. Results: benchmarks/README.md, "GPU check".
@@ -33,6 +36,7 @@ import time
 import traceback
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from ocr_cluster import config
@@ -73,6 +77,47 @@ def _train_steps(model, device, dtype, steps: int, batch: int = 2, size=CROP) ->
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
+
+
+def check_input_copy(device) -> str:
+    """The training input as Ray Data hands it over on a GPU worker (batches.TrainCollate, then Ray's
+    finalize step, as iter_torch_batches runs both on its fetch thread): host tensors in page-locked memory,
+    labels crossing as uint8, on the device as int64 after torch_batches' widening, values unchanged."""
+    from ray.data._internal.utils.torch_utils import DefaultFinalizeFn
+
+    from ocr_cluster.data.batches import TrainCollate
+    from ocr_cluster.data.constants import MEAN_RGB, STD_RGB
+    from ocr_cluster.data.transforms import normalize_batch
+
+    images = torch.randn(2, 3, *CROP).numpy()
+    labels = torch.randint(0, 256, (2, *CROP), dtype=torch.uint8).numpy()
+    images.flags.writeable = labels.flags.writeable = False
+    host = TrainCollate("cuda")({"image": images, "label": labels, "key": ["a", "b"]})
+    assert host["image"].is_pinned() and host["label"].is_pinned(), "host tensors not page-locked"
+    assert host["label"].dtype == torch.uint8, f"labels cross as {host['label'].dtype}"
+    moved = DefaultFinalizeFn(device)(host).data
+    label = moved["label"].long()
+    assert moved["image"].device == device and label.device == device
+    assert torch.equal(moved["image"].cpu(), torch.from_numpy(images.copy()))
+    assert torch.equal(label.cpu(), torch.from_numpy(labels.astype("int64")))
+    # cluster.normalize_on device: uint8 crops (the second one padded) normalised on the GPU without a host
+    # sync once the constants are there, to the same float32 values as on the CPU
+    crops = torch.randint(0, 256, (2, *CROP, 3), dtype=torch.uint8).numpy()
+    valid = np.array([CROP, (CROP[0] - 100, CROP[1] - 300)], np.int32)
+    moved = DefaultFinalizeFn(device)(TrainCollate("cuda")({"image": crops, "label": labels, "valid_hw": valid,
+                                                            "key": ["a", "b"]})).data
+    normalize_batch(moved["image"], moved["valid_hw"], MEAN_RGB, STD_RGB)  # first call: the constants copied
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = normalize_batch(moved["image"], moved["valid_hw"], MEAN_RGB, STD_RGB).contiguous()
+        moved["label"].long()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    on_cpu = normalize_batch(torch.from_numpy(crops), valid, MEAN_RGB, STD_RGB)
+    assert torch.equal(on_gpu.cpu(), on_cpu), "uint8 crops normalised on the GPU differ from the CPU's values"
+    return ("pinned host tensors, uint8 labels across, int64 on the device, values equal; uint8 crops "
+            "normalised on the GPU without a host sync, equal to the CPU's")
 
 
 def check_amp(device, dtype) -> str:
@@ -334,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = _run_checks([("a amp auto", lambda: check_amp(device, dtype)),
                           ("b training steps", lambda: check_training(device, dtype, steps)),
                           ("c syncbn", lambda: check_syncbn(device, dtype, steps)),
-                          ("d training peak", lambda: check_memory(device, dtype, steps))])
+                          ("d training peak", lambda: check_memory(device, dtype, steps)),
+                          ("h input copy", lambda: check_input_copy(device))])
     start = time.perf_counter()
     try:
         print("e throughput (one GPU; mmseg's fps column is inference fp32 at 1024x2048):", flush=True)

@@ -186,6 +186,11 @@ class ClusterSection:
                                  "loop over the parameters on CPU), fused = one kernel per step for all "
                                  "parameters, which under the fp16 scaler also skips the scaler's host sync; "
                                  "a torch without it for the device is an error before the run", hashed=False)
+    normalize_on: str = choice("auto", ("auto", "decode", "device"),
+                               "where training crops are normalised: decode = in Ray Data's decode tasks (float32 "
+                               "crops through the object store), device = on the worker's device after the copy, "
+                               "as mmseg's SegDataPreProcessor (uint8 crops: a quarter of the bytes); the same "
+                               "values either way; auto = device on GPU workers, decode on CPU", hashed=False)
     max_failures: int = opt(3, "worker-group restarts before the run fails for good", hashed=False)
     placement_strategy: str = choice("PACK", ("PACK", "SPREAD", "STRICT_SPREAD"),
                                      "how Ray Train places its workers on the nodes; the SLURM launcher sets "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ocr_cluster.config import DataSection
-from ocr_cluster.data import DataError, codec, pipeline
+from ocr_cluster.data import DataError, batches, codec, pipeline
 from ocr_cluster.data.shards import DatasetWriter, read_manifest
 from ocr_cluster.data.synth import SynthSpec, write_synthetic
 
@@ -213,6 +213,69 @@ def test_ray_train_dataset_from_s3_matches_the_plain_iterator(ray_s3, s3_synth):
     assert len(got) == 32
 
 
+def test_train_collate_makes_writable_tensors_once_with_int64_labels_on_cpu_and_keys_on_request():
+    import warnings
+
+    import torch
+
+    images = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    labels = np.array([[[0, 1, 255, 3, 4]] * 4, [[4, 3, 2, 1, 0]] * 4], np.uint8)
+    for array in (images, labels):
+        array.flags.writeable = False  # as batches from the object store are
+    batch = {"image": images, "label": labels, "key": np.array(["train_000001", "straße_7"], dtype=object)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        out = batches.TrainCollate("cpu", keys=True)(batch)
+    assert out["image"].dtype == torch.float32 and torch.equal(out["image"], torch.from_numpy(images.copy()))
+    assert out["label"].dtype == torch.int64 and out["label"].tolist() == labels.tolist()
+    assert not out["image"].is_pinned()  # pinned memory only for a GPU
+    out["image"].add_(1)  # the tensors own their memory: the batch is untouched
+    assert np.array_equal(images, batch["image"])
+    assert batches.decode_keys(out["key"]) == ["train_000001", "straße_7"]
+    assert set(batches.TrainCollate("cpu")(batch)) == {"image", "label"}  # no keys unless asked
+    crops = {"image": np.zeros((2, 4, 5, 3), np.uint8), "label": labels, "key": batch["key"],
+             "valid_hw": np.array([[4, 5], [3, 2]], np.int32)}
+    out = batches.TrainCollate("cpu")(crops)  # uint8 crops for the device's normalisation: as they come
+    assert (out["image"].dtype, out["valid_hw"].dtype) == (torch.uint8, torch.int32)
+    assert out["valid_hw"].tolist() == [[4, 5], [3, 2]]
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_torch_batches_from_ray_data_equal_the_rows_with_int64_labels(ray_s3, s3_synth):
+    import torch
+
+    data = _data(s3_synth)
+    plain = {i["key"]: i for i in pipeline.iter_train(data, seed=3, start_epoch=1, num_epochs=1)}
+    ds = pipeline.train_dataset(data, seed=3, start_epoch=1, num_epochs=1)
+    seen = []
+    for batch in batches.torch_batches(ds, 4, keys=True):
+        assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.int64
+        for key, image, label in zip(batch["key"], batch["image"], batch["label"]):
+            assert np.array_equal(image.numpy(), plain[key]["image"])
+            assert np.array_equal(label.numpy(), plain[key]["label"].astype(np.int64))
+        seen += batch["key"]
+    assert sorted(seen) == sorted(plain)
+    assert all(set(batch) == {"image", "label"} for batch in batches.torch_batches(ds, 8))
+    # uint8 crops (cluster.normalize_on: device), normalised by torch_batches: the same tensors to the bit,
+    # padded crops included (scale 64x48 at ratio < 0.67 resizes below the 32x32 crop)
+    uint8 = pipeline.train_dataset(data, seed=3, start_epoch=1, num_epochs=1, uint8=True)
+    row = uint8.take(1)[0]
+    assert row["image"].dtype == np.uint8 and row["image"].shape == (32, 32, 3) and row["valid_hw"].shape == (2,)
+    with pytest.raises(ValueError, match="normalize"):
+        next(iter(batches.torch_batches(uint8, 4)))
+    padded, seen = 0, []
+    for batch in batches.torch_batches(uint8, 4, keys=True, normalize=(data.mean, data.std)):
+        assert batch["image"].dtype == torch.float32 and batch["image"].is_contiguous()  # NCHW, as decoded
+        assert batch["label"].dtype == torch.int64
+        for key, image, label in zip(batch["key"], batch["image"], batch["label"]):
+            assert np.array_equal(image.numpy(), plain[key]["image"]), key
+            assert np.array_equal(label.numpy(), plain[key]["label"].astype(np.int64)), key
+            padded += bool((label == 255).all(dim=0).any() or (label == 255).all(dim=1).any())
+        seen += batch["key"]
+    assert sorted(seen) == sorted(plain) and padded > 0
+
+
 @pytest.mark.ray
 @pytest.mark.s3
 def test_ray_eval_dataset_splits_whole_images_across_workers(ray_s3, s3_synth):
@@ -251,11 +314,11 @@ def test_torch_trainer_workers_get_distinct_samples_from_s3(ray_s3, s3_synth, tm
     def train_fn(config):
         import ray.train as rt
 
-        from ocr_cluster.data.pipeline import torch_batches
+        from ocr_cluster.data.batches import torch_batches
 
         ctx = rt.get_context()
         keys, shapes = [], set()
-        for batch in torch_batches(rt.get_dataset_shard("train"), batch_size=4):
+        for batch in torch_batches(rt.get_dataset_shard("train"), batch_size=4, keys=True):
             keys += batch["key"]
             shapes.add((tuple(batch["image"].shape), str(batch["image"].dtype), str(batch["label"].dtype)))
         Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(

@@ -351,3 +351,5 @@ def test_uint8_crops_normalised_in_torch_equal_the_float_pipeline():
     assert got.dtype == torch.float32 and got.shape == (24, 3, 64, 64)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, torch.from_numpy(np.stack(want_img)))
+    on_device = T.normalize_batch(torch.from_numpy(np.stack(crops)), torch.tensor(valid), MEAN, STD)
+    assert torch.equal(on_device, got)  # valid sizes as a tensor (on the GPU: no host sync)

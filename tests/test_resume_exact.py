@@ -5,7 +5,9 @@ same samples (keys and augmented pixels), the same loss to the bit, the same par
 Dropout (model.dropout_ratio) makes the torch RNG matter, SGD momentum the optimizer state, the poly
 schedule the LR, and 16 samples at batch 4 over 8 iterations put checkpoints 2 and 6 mid-epoch, where the
 stream must start inside an epoch. One CPU worker with data.preserve_order makes the order deterministic.
-The loop records each step through OCR_CLUSTER_STEP_TRACE (ocr_cluster/train/trace.py).
+The loop records each step through OCR_CLUSTER_STEP_TRACE (ocr_cluster/train/trace.py). The interrupted
+run normalises its crops on the device (cluster.normalize_on: device, uint8 crops from the decode tasks,
+some padded), the uninterrupted one in the decode tasks: the same values to the bit, so the same steps.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def test_a_restarted_worker_goes_on_with_the_uninterrupted_runs_next_step(ray_cl
                               args=(resumed / "runs", resumed / "trace", kill, stop), daemon=True)
     killer.start()
     try:
-        train(ray_cluster, job(resumed, synth, max_failures=1), resumed / "trace")
+        train(ray_cluster, job(resumed, synth, max_failures=1, normalize_on="device"), resumed / "trace")
     finally:
         stop.set()
         killer.join(timeout=10)

@@ -12,13 +12,12 @@ stream from where the run stands, the ranks get its splits):
 
 and in each worker (`per_worker = cfg.data.batch_size // world_size`):
 
-    for batch in torch_batches(splits[rank], per_worker):
+    for batch in batches.torch_batches(splits[rank], per_worker, device=device):   # data/batches.py
         batch["image"]  # float32 [B, 3, H, W], normalised, H x W = data.crop_size
         batch["label"]  # int64 [B, H, W], train ids, 255 = ignore (padding included)
-        batch["key"]    # list of sample keys
+        batch["key"]    # list of sample keys (keys=True only)
 
-(Ray's own `iter_torch_batches` refuses the string `key` column; use `torch_batches`, or
-`ds.drop_columns(["key"])` first.) Resources: read tasks take 0.25 CPU, decode tasks `num_cpus`
+Resources: read tasks take 0.25 CPU, decode tasks `num_cpus`
 (1) each, and Ray Data only uses CPUs the trainer's workers leave free, so give the cluster more
 CPUs than `num_workers x cpus_per_worker` (the test head has 4 logical CPUs for 2 workers).
 The process that runs the stream's executor (streaming_split's SplitCoordinator) paces Ray Data's
@@ -68,7 +67,7 @@ from ocr_cluster.data.plan import (COLUMNS, SkipCounter, Stats, block_rows_for, 
                                    epoch_at, epoch_plan, epochs_for, eval_params, eval_range, open_dataset,
                                    read_shard_or_skip, row_order, shard_rows, stream_position, train_params)
 from ocr_cluster.data.shards import Manifest
-from ocr_cluster.data.transforms import (EvalParams, TrainParams, eval_transform, sample_rng,
+from ocr_cluster.data.transforms import (EvalParams, TrainParams, eval_transform, sample_rng, train_crop_uint8,
                                          train_transform)
 
 if TYPE_CHECKING:
@@ -282,32 +281,43 @@ def _one_cpu() -> None:
 
 
 def _transform_rows(batch: dict[str, np.ndarray], transform, *, skip_bad: bool, counter):
-    """(keys, images, labels) of the rows `transform(i, where)` accepts; a bad row raises, or is counted
-    and left out with skip_bad."""
-    keys, images, labels = [], [], []
+    """(keys, outputs) of the rows `transform(i, where)` accepts; a bad row raises, or is counted and left out
+    with skip_bad."""
+    keys, outputs = [], []
     for i, key in enumerate(batch["key"]):
         where = f"shard {batch['shard'][i]}: sample {str(key)!r}"
         sample = call_or_skip(lambda: transform(i, where), skip_bad=skip_bad, counter=counter)
         if sample is not None:
             keys.append(str(key))
-            images.append(sample[0])
-            labels.append(sample[1])
-    return keys, images, labels
+            outputs.append(sample)
+    return keys, outputs
+
+
+def _stacked(arrays: list[np.ndarray], shape: tuple, dtype) -> np.ndarray:
+    return np.stack(arrays) if arrays else np.zeros((0, *shape), dtype)
 
 
 def _train_batch(batch: dict[str, np.ndarray], *, params: TrainParams, seed: int, skip_bad: bool,
-                 counter) -> dict[str, np.ndarray]:
+                 counter, uint8: bool = False) -> dict[str, np.ndarray]:
+    """Decoded and augmented crops: float32 [B, 3, H, W] normalised, or with `uint8` the [B, H, W, 3] BGR crops
+    before normalisation and each one's unpadded (h, w) as `valid_hw` (normalised on the device:
+    transforms.normalize_batch, the same values)."""
     _one_cpu()
+    transform_fn = train_crop_uint8 if uint8 else train_transform
 
     def transform(i: int, where: str):
         rng = sample_rng(seed, int(batch["epoch"][i]), str(batch["key"][i]))
-        return train_transform(batch["image"][i], batch["label"][i], params, rng, where=where)
+        return transform_fn(batch["image"][i], batch["label"][i], params, rng, where=where)
 
-    keys, images, labels = _transform_rows(batch, transform, skip_bad=skip_bad, counter=counter)
+    keys, outputs = _transform_rows(batch, transform, skip_bad=skip_bad, counter=counter)
     h, w = params.crop_hw
-    return {"key": np.array(keys, dtype=object),
-            "image": np.stack(images) if images else np.zeros((0, 3, h, w), np.float32),
-            "label": np.stack(labels) if labels else np.zeros((0, h, w), np.uint8)}
+    out = {"key": np.array(keys, dtype=object), "label": _stacked([o[1] for o in outputs], (h, w), np.uint8)}
+    if uint8:
+        out["image"] = _stacked([o[0] for o in outputs], (h, w, 3), np.uint8)
+        out["valid_hw"] = _stacked([np.array(o[2], np.int32) for o in outputs], (2,), np.int32)
+    else:
+        out["image"] = _stacked([o[0] for o in outputs], (3, h, w), np.float32)
+    return out
 
 
 def _eval_batch(batch: dict[str, np.ndarray], *, params: EvalParams, skip_bad: bool, counter) -> dict[str, Any]:
@@ -316,7 +326,8 @@ def _eval_batch(batch: dict[str, np.ndarray], *, params: EvalParams, skip_bad: b
     def transform(i: int, where: str):
         return eval_transform(batch["image"][i], batch["label"][i], params, where=where)
 
-    keys, images, labels = _transform_rows(batch, transform, skip_bad=skip_bad, counter=counter)
+    keys, outputs = _transform_rows(batch, transform, skip_bad=skip_bad, counter=counter)
+    images, labels = [o[0] for o in outputs], [o[1] for o in outputs]
     return {"key": np.array(keys, dtype=object), "image": _ragged(images, np.float32, 3),
             "label": _ragged(labels, np.uint8, 2), "height": np.array([lab.shape[0] for lab in labels], np.int32),
             "width": np.array([lab.shape[1] for lab in labels], np.int32)}
@@ -344,10 +355,13 @@ def _datasource(**kwargs):
 def train_dataset(data: DataSection, *, seed: int = 0, start_epoch: int = 0, num_epochs: int = 1, skip: int = 0,
                   split: str = "train", verify: bool = True, skip_counter: SkipCounter | None = None,
                   manifest: Manifest | None = None, block_rows: int | None = None,
-                  num_cpus: float = 1.0) -> ray.data.Dataset:
+                  num_cpus: float = 1.0, uint8: bool = False) -> ray.data.Dataset:
     """A Ray Dataset of augmented crops for training; see the module doc.
 
-    Columns: key (str), image float32 [3, H, W] normalised, label uint8 [H, W] (H x W = crop_size).
+    Columns: key (str), image float32 [3, H, W] normalised, label uint8 [H, W] (H x W = crop_size). With
+    `uint8`: image uint8 [H, W, 3] BGR before normalisation and valid_hw int32 [2], the crop's unpadded size
+    (a quarter of the bytes; `batches.torch_batches(normalize=...)` normalises them on the device, the same
+    values).
     Epochs start_epoch .. start_epoch + num_epochs - 1, each reshuffled and re-augmented; the first `skip`
     samples of start_epoch's order left out (a resumed stream: `stream_position`).
     """
@@ -364,7 +378,7 @@ def train_dataset(data: DataSection, *, seed: int = 0, start_epoch: int = 0, num
     ds = ray.data.read_datasource(source, num_cpus=0.25, override_num_blocks=source.num_tasks())
     return ds.map_batches(_train_batch, batch_size=None, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs={"params": params, "seed": seed, "skip_bad": data.skip_bad_samples,
-                                     "counter": skip_counter})
+                                     "counter": skip_counter, "uint8": uint8})
 
 
 def eval_dataset(data: DataSection, *, split: str = "val", rank: int = 0, world_size: int = 1, resize: bool = True,
@@ -385,21 +399,3 @@ def eval_dataset(data: DataSection, *, split: str = "val", rank: int = 0, world_
     ds = ray.data.read_datasource(source, num_cpus=0.25, override_num_blocks=source.num_tasks())
     return ds.map_batches(_eval_batch, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
                           fn_kwargs={"params": params, "skip_bad": data.skip_bad_samples, "counter": skip_counter})
-
-
-def torch_batches(iterator, batch_size: int, *, device: Any = None, prefetch_batches: int = 1,
-                  drop_last: bool = True) -> Iterator[dict[str, Any]]:
-    """Training batches from a Ray DataIterator (get_dataset_shard('train')) or Dataset as torch tensors.
-
-    image float32 [B, 3, H, W], label int64 [B, H, W] on `device`, key a list of str.
-    """
-    import torch
-
-    for batch in iterator.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
-                                       prefetch_batches=prefetch_batches):
-        # Batches from the object store are read-only; torch wants arrays it may write to.
-        image = torch.from_numpy(np.require(batch["image"], requirements=("C", "W")))
-        label = torch.from_numpy(np.require(batch["label"], dtype=np.int64, requirements=("C", "W")))
-        if device is not None:
-            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        yield {"image": image, "label": label, "key": [str(k) for k in batch["key"]]}

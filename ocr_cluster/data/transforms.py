@@ -372,22 +372,31 @@ def train_crop_uint8(image_bytes: bytes, label_bytes: bytes, p: TrainParams, rng
 def normalize_batch(images, valid_hw, mean, std):
     """A torch uint8 [B, H, W, 3] BGR batch of `train_crop_uint8` crops (on any device) -> float32 [B, 3, H, W]
     RGB, (x - mean) / std, 0 outside each crop's valid (h, w): bit-identical to `train_transform`'s images
-    (float32 subtraction and division, as its tables and mmseg's SegDataPreProcessor compute them). The
-    result is a channels_last view (no copy for the layout). `valid_hw`: [B, 2] ints (host).
+    (float32 subtraction and division, as its tables and mmseg's SegDataPreProcessor compute them).
+    `valid_hw`: [B, 2] ints, a tensor on the images' device (no host sync) or anything numpy reads.
     """
     import torch
 
     rgb = images.flip(-1).to(torch.float32)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=rgb.device)
-    std_t = torch.tensor(std, dtype=torch.float32, device=rgb.device)
+    mean_t, std_t = _mean_std_on(tuple(map(float, mean)), tuple(map(float, std)), rgb.device)
     out = ((rgb - mean_t) / std_t).permute(0, 3, 1, 2)
     height, width = out.shape[-2:]
-    for b, (h, w) in enumerate(np.asarray(valid_hw).tolist()):
-        if h < height:
-            out[b, :, h:, :] = 0
-        if w < width:
-            out[b, :, :, w:] = 0
-    return out
+    valid = torch.as_tensor(valid_hw if isinstance(valid_hw, torch.Tensor) else np.asarray(valid_hw),
+                            device=rgb.device).reshape(-1, 2)
+    rows = torch.arange(height, device=rgb.device) < valid[:, :1]  # [B, H]
+    cols = torch.arange(width, device=rgb.device) < valid[:, 1:]  # [B, W]
+    inside = (rows[:, :, None] & cols[:, None, :])[:, None]  # [B, 1, H, W]
+    return torch.where(inside, out, 0.0)  # exact zeros: a product with the mask would give -0.0 below the mean
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std_on(mean: tuple, std: tuple, device) -> tuple:
+    """The normalisation constants on `device`, made once: copying them from the host for every batch would
+    wait for the GPU's queue each time (a copy from pageable memory synchronises)."""
+    import torch
+
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
 
 
 def eval_transform(image_bytes: bytes, label_bytes: bytes, p: EvalParams, *,

@@ -123,3 +123,10 @@ def cudnn_benchmark(enabled: bool):
         yield
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def normalize_on_device(normalize_on: str, device: torch.device) -> bool:
+    """cluster.normalize_on for this worker's device: whether the decode tasks hand over uint8 crops that the
+    training loop normalises on the device (auto: on a GPU, which does it for free; a CPU rank would take the
+    work from the decode tasks onto its own training thread)."""
+    return normalize_on == "device" or (normalize_on == "auto" and device.type == "cuda")

@@ -23,11 +23,12 @@ from ray.train.collective import broadcast_from_rank_zero
 import torch
 
 from ocr_cluster import config as config_mod, logs
-from ocr_cluster.data.pipeline import (Stats, epochs_for, iter_eval, open_dataset, stream_position, torch_batches,
+from ocr_cluster.data.batches import torch_batches
+from ocr_cluster.data.pipeline import (Stats, epochs_for, iter_eval, open_dataset, stream_position,
                                        train_dataset)
 from ocr_cluster.models import build_model, convert_sync_batchnorm
 from ocr_cluster.models.convert import load_checkpoint
-from ocr_cluster.train import checkpoint, fastpath, host, phases
+from ocr_cluster.train import checkpoint, fastpath, host, phases, trace
 from ocr_cluster.train.clock import RunClock
 from ocr_cluster.train.inference import InferenceSettings, evaluate, measure_fps
 from ocr_cluster.train.input_errors import bad_input_ends_the_run
@@ -36,7 +37,6 @@ from ocr_cluster.train.losses import segmentation_loss
 from ocr_cluster.train.metrics import IoUMetric
 from ocr_cluster.train.progress import Progress, say
 from ocr_cluster.train.schedule import build_optimizer, set_lr
-from ocr_cluster.train.trace import StepTrace
 
 
 def intervals(cfg: config_mod.Config) -> tuple[int, int]:
@@ -194,6 +194,7 @@ class Trainer:
         self.num_nodes = max(1, self.world // max(1, context.get_local_world_size()))
         self.device = ray.train.torch.get_device()
         self.dtype = fastpath.amp_dtype(cfg.cluster.amp, self.device)
+        self.normalize_on_device = fastpath.normalize_on_device(cfg.cluster.normalize_on, self.device)
         if cfg.cluster.amp == "native-bf16" and self.rank == 0:
             precision = "bf16" if self.dtype is torch.bfloat16 else "fp32"  # the only two it resolves to
             say(f"[{layout.run_id}] cluster.amp native-bf16: {precision} on {self.device.type}")
@@ -220,7 +221,7 @@ class Trainer:
             else None
         self.ohem = (cfg.loss.ohem_thresh, cfg.loss.ohem_min_kept) if cfg.loss.ohem else None
         self.ckpt_every, self.eval_every = intervals(cfg)
-        self.trace = StepTrace(self.rank)
+        self.trace = trace.StepTrace(self.rank)
         self.progress = Progress(cfg, layout, self.start_iter, self.rank, images_per_iter=cfg.data.batch_size)
         self.meta = {"run_id": layout.run_id, "backbone": cfg.model.backbone, "head": cfg.model.head,
                      "num_classes": self.manifest.num_classes, "align_corners": cfg.model.align_corners,
@@ -269,7 +270,9 @@ class Trainer:
         """The training batches from self.start_iter on, the first already on its way."""
         stream = self._train_stream()
         phases.mark("stream_split", rank=self.rank)
-        return FirstInBackground(torch_batches(stream, self.layout.micro_batch, device=self.device))
+        normalize = (tuple(self.cfg.data.mean), tuple(self.cfg.data.std)) if self.normalize_on_device else None
+        return FirstInBackground(torch_batches(stream, self.layout.micro_batch, device=self.device,
+                                               keys=trace.wanted(), normalize=normalize))
 
     def _train_stream(self):
         """This worker's share of the training stream, from where this attempt starts: the position the
@@ -285,7 +288,8 @@ class Trainer:
             epoch, skip = stream_position(self.start_iter, cfg.data.batch_size, manifest)
             dataset = train_dataset(cfg.data, seed=cfg.run.seed, start_epoch=epoch, skip=skip, manifest=manifest,
                                     num_epochs=epochs_for(cfg.schedule.iters, cfg.data.batch_size, manifest,
-                                                          start_epoch=epoch), skip_counter=self.skip_counter)
+                                                          start_epoch=epoch), skip_counter=self.skip_counter,
+                                    uint8=self.normalize_on_device)
             if cfg.data.preserve_order:
                 dataset.context.execution_options.preserve_order = True
             if self.world == 1:

@@ -20,6 +20,11 @@ import torch
 TRACE_ENV = "OCR_CLUSTER_STEP_TRACE"
 
 
+def wanted() -> bool:
+    """Whether steps are traced (the batches must then carry their sample keys)."""
+    return bool(os.environ.get(TRACE_ENV))
+
+
 class StepTrace:
     def __init__(self, rank: int):
         directory = os.environ.get(TRACE_ENV)
