@@ -259,3 +259,17 @@ def test_a_warning_when_the_workers_take_every_cpu_ray_data_would_use():
                     "(e.g. 6) or add CPU nodes")
     assert data_cpus_warning(cluster_cpus=96, workers=8, cpus_per_worker=8) is None  # 32 left for Ray Data
     assert data_cpus_warning(cluster_cpus=4, workers=8, cpus_per_worker=1) is not None  # not even the workers'
+
+
+def test_a_local_clusters_object_store_is_sized_from_the_run_and_the_node():
+    from ocr_cluster import config
+    from ocr_cluster.train.driver import MIN_OBJECT_STORE, OBJECT_STORE_BATCHES, local_object_store_bytes
+
+    GiB = 1024**3
+    quickstart = config.load("jobs/quickstart.yaml", [])  # 128x128 crops, batch 8: 27 MB of crops in flight
+    assert local_object_store_bytes(quickstart, node_memory=24 * GiB) == MIN_OBJECT_STORE
+    city = config.load("jobs/quickstart.yaml", ["data.crop_size=512x1024", "data.batch_size=16"])
+    need = OBJECT_STORE_BATCHES * 16 * 512 * 1024 * 13  # float32 image + uint8 label per crop
+    assert need > MIN_OBJECT_STORE and local_object_store_bytes(city, node_memory=64 * GiB) == need
+    assert local_object_store_bytes(city, node_memory=4 * GiB) == int(0.3 * 4 * GiB)  # Ray's default share caps it
+    assert local_object_store_bytes(city, node_memory=1 * GiB) == MIN_OBJECT_STORE  # never below the old fixed size

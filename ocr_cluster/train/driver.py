@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ocr_cluster import logs, ray_defaults, storage
-from ocr_cluster.config import Config, with_dataset
+from ocr_cluster.config import Config, parse_size, with_dataset
 from ocr_cluster.errors import ReportedFailure, UserInputError
 from ocr_cluster.train import phases
 from ocr_cluster.train.layout import RunLayout, checkpoint_iteration
@@ -215,7 +215,23 @@ def connect_ray(cfg: Config, layout: RunLayout) -> None:
     # Logical CPUs beyond the workers' share, so Ray Data's read and decode tasks can run beside them.
     num_cpus = max(os.cpu_count() or 1, int(workers_cpus) + 2)
     ray_defaults.set_node_env()
-    ray.init(num_cpus=num_cpus, object_store_memory=512 * 1024**2, **logs.ray_init_options(local=True))
+    ray.init(num_cpus=num_cpus, object_store_memory=local_object_store_bytes(cfg),
+             **logs.ray_init_options(local=True))
+
+
+OBJECT_STORE_BATCHES = 16  # global batches of crops a local cluster's object store holds at once
+MIN_OBJECT_STORE = 512 * 1024**2
+
+
+def local_object_store_bytes(cfg: Config, node_memory: int | None = None) -> int:
+    """The object store of a cluster started for this run, sized from the run and the node: room for
+    OBJECT_STORE_BATCHES global batches of training crops in flight (Ray Data's queues, every worker's
+    prefetch), at least 512 MB, at most Ray's own default share of the node's memory (30 %)."""
+    height, width = parse_size(cfg.data.crop_size)
+    crop_bytes = height * width * (3 * 4 + 1)  # float32 image and uint8 label (uint8 crops need less)
+    need = OBJECT_STORE_BATCHES * cfg.data.batch_size * crop_bytes
+    node_memory = node_memory or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(max(need, MIN_OBJECT_STORE), max(0.3 * node_memory, MIN_OBJECT_STORE)))
 
 
 def data_cpus_warning(cluster_cpus: float, workers: int, cpus_per_worker: float) -> str | None:
