@@ -372,8 +372,9 @@ def train_crop_uint8(image_bytes: bytes, label_bytes: bytes, p: TrainParams, rng
 def normalize_batch(images, valid_hw, mean, std):
     """A torch uint8 [B, H, W, 3] BGR batch of `train_crop_uint8` crops (on any device) -> float32 [B, 3, H, W]
     RGB, (x - mean) / std, 0 outside each crop's valid (h, w): bit-identical to `train_transform`'s images
-    (float32 subtraction and division, as its tables and mmseg's SegDataPreProcessor compute them).
-    `valid_hw`: [B, 2] ints, a tensor on the images' device (no host sync) or anything numpy reads.
+    (float32 subtraction and division, as its tables and mmseg's SegDataPreProcessor compute them), laid out
+    channels-last (the NHWC input's). `valid_hw`: [B, 2] ints, a tensor on the images' device (no host sync)
+    or anything numpy reads.
     """
     import torch
 
