@@ -168,7 +168,10 @@ class ClusterSection:
     address: str = opt("", "Ray address; empty = RAY_ADDRESS or a local cluster", hashed=False)
     num_workers: int = opt(2, "Ray Train workers (one per GPU on a GPU cluster)", hashed=False)
     use_gpu: bool = opt(False, hashed=False)
-    cpus_per_worker: float = opt(1.0, hashed=False)
+    cpus_per_worker: float = opt(1.0, "CPUs each worker reserves (a CPU worker's torch threads); 0 = sized from the "
+                                      "cluster's nodes once connected: on GPUs a quarter of a node's CPUs per "
+                                      "GPU (1-4), on CPUs an equal share of three quarters of the cluster's; "
+                                      "the CPUs left run Ray Data's decode tasks", hashed=False)
     micro_batch: int = opt(0, "samples per worker per forward; 0 = data.batch_size / num_workers; "
                               "smaller accumulates gradients to the same global batch", hashed=False)
     amp: str = choice("auto", ("auto", "bf16", "fp16", "none", "native-bf16"),
@@ -313,12 +316,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _check(cfg: Config) -> None:
     """Checks beyond a single field's type: ranges, lengths, and how the batch splits over the workers."""
     positive = [("data.batch_size", cfg.data.batch_size), ("schedule.iters", cfg.schedule.iters),
-                ("optimizer.lr", cfg.optimizer.lr), ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker)]
+                ("optimizer.lr", cfg.optimizer.lr)]
     if cfg.model.num_classes is not None:
         positive.append(("model.num_classes", cfg.model.num_classes))
     for key, value in positive:
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    if cfg.cluster.cpus_per_worker < 0:
+        raise ConfigError(f"cluster.cpus_per_worker: must be >= 0 (0 sizes it from the nodes), "
+                          f"got {cfg.cluster.cpus_per_worker!r}")
     if cfg.cluster.num_workers < 0:
         raise ConfigError(f"cluster.num_workers: must be >= 0 (0 runs in-process), got {cfg.cluster.num_workers}")
     lo_hi = cfg.data.ratio_range

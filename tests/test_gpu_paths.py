@@ -4,6 +4,7 @@ cuDNN's benchmark switched around evaluation, the training memory peak, fps with
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ocr_cluster.train.fastpath import amp_dtype, native_cpu_bf16
@@ -256,9 +257,44 @@ def test_a_warning_when_the_workers_take_every_cpu_ray_data_would_use():
     line = data_cpus_warning(cluster_cpus=64, workers=8, cpus_per_worker=8)  # 8 vCPUs per GPU
     assert line == ("warning: the cluster has 64 CPUs and the 8 training worker(s) take 8 x 8 = 64: none left "
                     "for Ray Data, so training will wait for its data; set cluster.cpus_per_worker lower "
-                    "(e.g. 6) or add CPU nodes")
+                    "(e.g. 6; 0 sizes it from the nodes) or add CPU nodes")
     assert data_cpus_warning(cluster_cpus=96, workers=8, cpus_per_worker=8) is None  # 32 left for Ray Data
     assert data_cpus_warning(cluster_cpus=4, workers=8, cpus_per_worker=1) is not None  # not even the workers'
+
+
+def node(cpus: float, gpus: float = 0) -> dict:
+    """One alive node as `ray.nodes()` lists it (the fields the sizing reads)."""
+    return {"Alive": True, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+def test_cpus_per_worker_0_is_sized_from_the_clusters_nodes():
+    from ocr_cluster.train.driver import auto_cpus_per_worker, data_cpus_warning
+
+    # GPU workers: a quarter of the leanest GPU node's CPUs per GPU, 1 to 4; a CPU-only head does not count.
+    assert auto_cpus_per_worker([node(8), node(64, 8)], world=8, use_gpu=True)[0] == 2  # p4d-like: 8 per GPU
+    assert auto_cpus_per_worker([node(96, 8), node(64, 8)], world=16, use_gpu=True)[0] == 2
+    assert auto_cpus_per_worker([node(192, 8)], world=8, use_gpu=True)[0] == 4  # capped: the rest decodes
+    assert auto_cpus_per_worker([node(16, 4)], world=4, use_gpu=True)[0] == 1  # at least one
+    cpus, why = auto_cpus_per_worker([node(4)], world=2, use_gpu=True)
+    assert cpus == 2 and "no GPU node" in why  # autoscaler: GPU nodes not up yet
+    # Whatever the node, the workers leave Ray Data CPUs.
+    for cluster in ([node(64, 8)], [node(8, 1)], [node(12, 1)], [node(96, 8), node(32, 4)]):
+        world = int(sum(n["Resources"]["GPU"] for n in cluster))
+        cpus, _ = auto_cpus_per_worker(cluster, world=world, use_gpu=True)
+        assert data_cpus_warning(sum(n["Resources"]["CPU"] for n in cluster), world, cpus) is None, cluster
+    # CPU workers: an equal share of three quarters of the cluster's CPUs, at most one node's, at least 1.
+    assert auto_cpus_per_worker([node(4)], world=2, use_gpu=False)[0] == 1  # the test head
+    assert auto_cpus_per_worker([node(32)], world=2, use_gpu=False)[0] == 12
+    assert auto_cpus_per_worker([node(16), node(16)], world=1, use_gpu=False)[0] == 16
+    assert auto_cpus_per_worker([node(2)], world=4, use_gpu=False)[0] == 1
+
+
+def test_cpus_per_worker_must_not_be_negative():
+    from ocr_cluster import config
+
+    with pytest.raises(config.ConfigError, match=r"cluster.cpus_per_worker: must be >= 0 \(0 sizes it"):
+        config.load(None, ["cluster.cpus_per_worker=-1"])
+    assert config.load(None, ["cluster.cpus_per_worker=0"]).cluster.cpus_per_worker == 0
 
 
 def test_a_local_clusters_object_store_is_sized_from_the_run_and_the_node():

@@ -130,11 +130,13 @@ def store_rows(store: str) -> list[dict]:
 
 
 def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, synth_uri, tmp_path):
-    job, root = tiny_job(tmp_path, s3, synth_uri)
+    # cpus_per_worker 0: sized from the test head's nodes (4 CPUs, 2 workers: 1 each, 2 left for Ray Data).
+    job, root = tiny_job(tmp_path, s3, synth_uri, cluster={"cpus_per_worker": 0})
     result = submit(ray_cluster, s3, job)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "eval at iter 6" in log and "completed: mIoU" in log
+    assert "cluster.cpus_per_worker 0: 1 per worker (three quarters of the cluster's 4 CPUs over 2 " in log, log
 
     rows = store_rows(f"{root}/results")
     assert [r["status"] for r in rows] == ["completed"]
@@ -143,6 +145,7 @@ def test_ray_job_submit_trains_on_s3_and_does_not_train_again(ray_cluster, s3, s
     assert len(row["iou_per_class"]) == 4 and row["fps"] and row["fps"] > 0
     assert row["checkpoint_uri"] == f"{root}/runs/{row['run_id']}/checkpoint_iter=0000006/model.pt"
     assert row["skipped_samples"] == 0
+    assert yaml.safe_load(row["config_yaml"])["cluster"]["cpus_per_worker"] == 1  # what the workers reserved
     # launched by `ray job submit`: the workers write what the job's driver saw
     assert row["launcher"] == "ray-job" and row["scheduler_job_id"].startswith("raysubmit_"), row
     assert storage.exists(row["checkpoint_uri"])  # the final checkpoint is on S3

@@ -54,7 +54,7 @@ def _cpus(cfg, nodes: int = 1) -> int:
     """Logical CPUs for one node's Ray: the allocation's, and at least its share of the workers' plus two
     for Ray Data."""
     allocated = int(os.environ.get("SLURM_CPUS_ON_NODE") or os.cpu_count() or 1)
-    workers = -(-max(cfg.cluster.num_workers, 1) // nodes) * cfg.cluster.cpus_per_worker
+    workers = -(-max(cfg.cluster.num_workers, 1) // nodes) * (cfg.cluster.cpus_per_worker or 1)
     return max(allocated, int(workers) + 2)
 
 

@@ -211,7 +211,7 @@ def connect_ray(cfg: Config, layout: RunLayout) -> None:
             env.update({**joined, "env_vars": {**env.get("env_vars", {}), **joined["env_vars"]}})
         ray.init(address=address, **options)
         return
-    workers_cpus = layout.world * cfg.cluster.cpus_per_worker
+    workers_cpus = layout.world * (cfg.cluster.cpus_per_worker or 1)  # 0: sized after the start
     # Logical CPUs beyond the workers' share, so Ray Data's read and decode tasks can run beside them.
     num_cpus = max(os.cpu_count() or 1, int(workers_cpus) + 2)
     ray_defaults.set_node_env()
@@ -234,6 +234,44 @@ def local_object_store_bytes(cfg: Config, node_memory: int | None = None) -> int
     return int(min(max(need, MIN_OBJECT_STORE), max(0.3 * node_memory, MIN_OBJECT_STORE)))
 
 
+def auto_cpus_per_worker(nodes: list[dict], world: int, use_gpu: bool) -> tuple[float, str]:
+    """cluster.cpus_per_worker 0: the CPUs each training worker reserves, sized from the cluster's alive
+    nodes (as `ray.nodes()` lists them), and why, for the log line.
+
+    GPU workers get a quarter of the CPUs per GPU of the leanest GPU node, 1 to 4: the training process
+    needs a core or two (the step's launches, Ray Data's fetch thread); every CPU it leaves is a decode task
+    of Ray Data's, and a GPU needs 1-11 of those (benchmarks/README.md, "Per core, cores per GPU").
+    CPU workers compute with their CPUs (Ray sets their torch threads from them): each gets an equal share of
+    three quarters of the cluster's CPUs, at most one node's, at least 1; the quarter left decodes."""
+    cpus = [float(node.get("Resources", {}).get("CPU", 0)) for node in nodes]
+    if use_gpu:
+        per_gpu = [cpu / node["Resources"]["GPU"] for cpu, node in zip(cpus, nodes)
+                   if node.get("Resources", {}).get("GPU", 0) > 0]
+        if not per_gpu:  # an autoscaling cluster before its GPU nodes join
+            return 2.0, "no GPU node is up yet to size it from"
+        leanest = min(per_gpu)
+        return float(min(max(int(leanest // 4), 1), 4)), (
+            f"a quarter of the {leanest:g} CPUs per GPU of the leanest GPU node, 1 to 4; the rest for Ray Data")
+    total = sum(cpus)
+    share = min(int(0.75 * total // max(world, 1)), int(max(cpus, default=1)))
+    return float(max(share, 1)), (f"three quarters of the cluster's {total:g} CPUs over {max(world, 1)} "
+                                  "worker(s); the rest for Ray Data")
+
+
+def size_cpus_per_worker(cfg: Config, layout: RunLayout) -> Config:
+    """After connect_ray: cluster.cpus_per_worker 0 replaced by auto_cpus_per_worker's size for this
+    cluster, with one line saying so; any other value as given."""
+    import dataclasses
+
+    import ray
+
+    if cfg.cluster.cpus_per_worker:
+        return cfg
+    cpus, why = auto_cpus_per_worker([n for n in ray.nodes() if n.get("Alive")], layout.world, cfg.cluster.use_gpu)
+    print(f"cluster.cpus_per_worker 0: {cpus:g} per worker ({why})", flush=True)
+    return dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, cpus_per_worker=cpus))
+
+
 def data_cpus_warning(cluster_cpus: float, workers: int, cpus_per_worker: float) -> str | None:
     """One warning line when the training workers' CPUs take all of the cluster's, leaving Ray Data's read
     and decode tasks none (e.g. cpus_per_worker 8 on nodes with 8 vCPUs per GPU), else None."""
@@ -243,7 +281,8 @@ def data_cpus_warning(cluster_cpus: float, workers: int, cpus_per_worker: float)
     fit = max(1, int(cluster_cpus // max(workers, 1)) - 2)
     return (f"warning: the cluster has {cluster_cpus:g} CPUs and the {workers} training worker(s) take "
             f"{workers} x {cpus_per_worker:g} = {taken:g}: none left for Ray Data, so training will wait for "
-            f"its data; set cluster.cpus_per_worker lower (e.g. {fit}) or add CPU nodes")
+            f"its data; set cluster.cpus_per_worker lower (e.g. {fit}; 0 sizes it from the nodes) or add "
+            "CPU nodes")
 
 
 def warn_if_no_data_cpus(cfg: Config, layout: RunLayout) -> None:
@@ -354,6 +393,7 @@ def run(cfg: Config, callbacks=(), in_trial: bool = False) -> int:
               "numbers start from ImageNet weights", flush=True)
     connect_ray(cfg, layout)
     phases.mark("ray_connected")
+    cfg = size_cpus_per_worker(cfg, layout)
     warn_if_no_data_cpus(cfg, layout)
     if not in_trial:  # a trial runs on a cluster node, whose preflight read the data; it may start no other task
         check_cluster_storage(cfg)
