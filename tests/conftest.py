@@ -8,8 +8,9 @@
   `s3.url("name")` gives a fresh s3:// prefix.
 - `slurm`: a two-node SLURM cluster on this host (slurmctld + slurmd n1, n2 on 127.0.0.2, 127.0.0.3 + munge)
   with SLURM_CONF set for the test.
-- `bare_ray_node` (once per session): a second Ray head whose Python has every dependency but not this package,
-  as a fresh cluster node, with S3 credentials of its own (planted, distinctive) in its environment.
+- `bare_ray_node` (once per session, stopped after the last test that uses it): a second Ray head whose
+  Python has every dependency but not this package, as a fresh cluster node, with S3 credentials of its own
+  (planted, distinctive) in its environment.
 
 With CI=true a service that cannot start fails the tests that need it; elsewhere they skip with the reason.
 """
@@ -150,6 +151,22 @@ def _python_without_this_package(root: Path) -> str:
     return python
 
 
+# Session services that only a few tests use, stopped after the last of them (pytest_runtest_teardown) rather
+# than at the session's end: on CI's 2 cores the bare-node head's idle Ray processes (GCS, raylet, dashboard
+# and its agent, log monitor) took ~8 % of the machine for the hour of tests that ran after its last user.
+# Fixture name -> its service; whoever pops it stops it, once (its PIDs could be reused afterwards).
+_STOP_AFTER_LAST_USER: dict[str, services.Service] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name in [n for n in _STOP_AFTER_LAST_USER if n in item.fixturenames]:
+        later = item.session.items[item.session.items.index(item) + 1:]
+        if not any(name in other.fixturenames for other in later):
+            _STOP_AFTER_LAST_USER.pop(name).stop()
+
+
 @pytest.fixture(scope="session")
 def bare_ray_node(_s3_service):
     """A Ray head as a fresh cluster node: no ocr_cluster installed, S3 credentials in its own environment."""
@@ -160,11 +177,13 @@ def bare_ray_node(_s3_service):
     try:
         python = _python_without_this_package(root / "venv")
         service = _start("the bare-node Ray head", lambda: services.start_ray(python=python, node_env=node_env))
+        _STOP_AFTER_LAST_USER["bare_ray_node"] = service
         try:
             yield BareRayNode(service.info["address"], service.info["dashboard_url"], service.env, python,
                               Path(service.info["temp_dir"]), node_env, secret)
         finally:
-            service.stop()
+            if _STOP_AFTER_LAST_USER.pop("bare_ray_node", None):  # not stopped after its last user yet
+                service.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
