@@ -182,7 +182,7 @@ def bare_ray_node(_s3_service):
             yield BareRayNode(service.info["address"], service.info["dashboard_url"], service.env, python,
                               Path(service.info["temp_dir"]), node_env, secret)
         finally:
-            if _STOP_AFTER_LAST_USER.pop("bare_ray_node", None):  # not stopped after its last user yet
+            if _STOP_AFTER_LAST_USER.pop("bare_ray_node", None) is not None:  # not stopped after its last user
                 service.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
