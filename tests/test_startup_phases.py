@@ -1,5 +1,6 @@
-"""Start-up phase marks (ocr_cluster.train.phases), the step trace's timing fields, and the training stream's
-first batch fetched in the background (loop.FirstInBackground). Plain Python: no Ray cluster."""
+"""Start-up phase marks (ocr_cluster.train.phases), the step trace's timing fields, the training stream's
+first batch fetched in the background (loop.FirstInBackground), and the driver's check that torch and Ray are
+byte-compiled. Plain Python: no Ray cluster."""
 
 from __future__ import annotations
 
@@ -82,3 +83,29 @@ def test_an_empty_stream_ends_at_once():
     from ocr_cluster.train.loop import FirstInBackground
 
     assert next(FirstInBackground(iter(())), None) is None
+
+
+def test_a_package_without_byte_code_is_named_until_it_is_compiled(tmp_path, monkeypatch):
+    import py_compile
+    import sys
+
+    from ocr_cluster.train.driver import bytecode_warning
+
+    for name in ("slowpkg_a", "slowpkg_b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("VALUE = 1\n")
+    py_compile.compile(str(tmp_path / "slowpkg_b" / "__init__.py"), doraise=True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    line = bytecode_warning(("slowpkg_a", "slowpkg_b"))
+    assert line is not None and line.startswith("warning: slowpkg_a is not byte-compiled in this Python")
+    assert "slowpkg_b" not in line and "python -m compileall" in line
+    py_compile.compile(str(tmp_path / "slowpkg_a" / "__init__.py"), doraise=True)
+    assert bytecode_warning(("slowpkg_a", "slowpkg_b")) is None
+    assert "slowpkg_a" not in sys.modules  # found, never imported
+
+
+def test_the_venv_make_builds_is_byte_compiled():
+    """`make venv` compiles what pip installed; without it every Ray process compiles torch and Ray again."""
+    from ocr_cluster.train.driver import bytecode_warning
+
+    assert bytecode_warning(("torch", "ray", "pyarrow", "numpy")) is None
