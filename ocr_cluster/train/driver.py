@@ -302,20 +302,22 @@ def bytecode_warning(modules=("torch", "ray")) -> str | None:
     a read-only install) each process compiles them from source again: start-up 54 s against 29 s on 2 cores
     (benchmarks/README.md, "From `ray job submit` to the first logged step")."""
     import importlib.util
-    import sysconfig
 
-    missing = []
+    missing, where = [], []
     for name in modules:
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin and spec.origin.endswith(".py") \
                 and not os.path.exists(importlib.util.cache_from_source(spec.origin)):
             missing.append(name)
+            folder = os.path.dirname(os.path.dirname(spec.origin)) if spec.submodule_search_locations \
+                else os.path.dirname(spec.origin)  # the folder that holds the package (site-packages)
+            where += [folder] if folder not in where else []
     if not missing:
         return None
     one = len(missing) == 1
-    return (f"warning: {' and '.join(missing)} {'is' if one else 'are'} not byte-compiled in this Python, so "
-            f"every Ray process compiles {'it' if one else 'them'} again (about twice the start-up); compile once with: "
-            f"python -m compileall -q -j 0 {sysconfig.get_path('purelib')}")
+    return (f"warning: {' and '.join(missing)} {'is' if one else 'are'} not byte-compiled in this Python, so every "
+            f"Ray process compiles {'it' if one else 'them'} again (about twice the start-up); compile once with: "
+            f"python -m compileall -q -j 0 {' '.join(where)}")
 
 
 def _node_reads(uri: str) -> str | None:
@@ -415,7 +417,7 @@ def run(cfg: Config, callbacks=(), in_trial: bool = False) -> int:
     if cfg.data.dataset != "synthetic" and not (cfg.model.pretrained or cfg.model.pretrained_backbone):
         print("note: no model.pretrained_backbone: training from random initialisation; the published "
               "numbers start from ImageNet weights", flush=True)
-    if not in_trial:  # a trial's line would repeat the sweep's
+    if not in_trial:  # a Tune sweep says it once (sweep/tune.run_sweep), not once per trial
         slow_imports = bytecode_warning()
         if slow_imports:
             print(slow_imports, flush=True)
