@@ -109,4 +109,5 @@ def test_the_venv_make_builds_is_byte_compiled():
     """`make venv` compiles what pip installed; without it every Ray process compiles torch and Ray again."""
     from ocr_cluster.train.driver import bytecode_warning
 
-    assert bytecode_warning(("torch", "ray", "pyarrow", "numpy")) is None
+    line = bytecode_warning(("torch", "ray", "pyarrow", "numpy"))
+    assert line is None, f"{line} (a venv made before `make venv` compiled: `make clean test` rebuilds it)"
