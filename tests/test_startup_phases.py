@@ -89,7 +89,7 @@ def test_a_package_without_byte_code_is_named_until_it_is_compiled(tmp_path, mon
     import py_compile
     import sys
 
-    from ocr_cluster.train.driver import bytecode_warning
+    from ocr_cluster.train.bytecode import bytecode_warning
 
     for name in ("slowpkg_a", "slowpkg_b"):
         (tmp_path / name).mkdir()
@@ -107,7 +107,7 @@ def test_a_package_without_byte_code_is_named_until_it_is_compiled(tmp_path, mon
 
 def test_the_venv_make_builds_is_byte_compiled():
     """`make venv` compiles what pip installed; without it every Ray process compiles torch and Ray again."""
-    from ocr_cluster.train.driver import bytecode_warning
+    from ocr_cluster.train.bytecode import bytecode_warning
 
     line = bytecode_warning(("torch", "ray", "pyarrow", "numpy"))
     assert line is None, f"{line} (a venv made before `make venv` compiled: `make clean test` rebuilds it)"

@@ -269,11 +269,9 @@ def run_sweep(sweep: str, cells: list[Cell], root: str, *, max_concurrent: int =
     ('completed', 'stopped' or the trial's error line). `early_stopping`: backend.ray.early_stopping."""
     from ray import tune
 
-    from ocr_cluster.train.driver import bytecode_warning
+    from ocr_cluster.train.bytecode import warn_if_not_compiled
 
-    slow_imports = bytecode_warning()  # said here once, not by each trial's driver
-    if slow_imports:
-        print(slow_imports, file=sys.stderr, flush=True)
+    warn_if_not_compiled(sys.stderr)  # here once, not by each trial's driver
     fs, path = storage.arrow_filesystem(root)
     arrow_fs = fs if storage.is_remote(root) else None
     configs = {c.run_id: c.config.to_yaml() for c in cells}

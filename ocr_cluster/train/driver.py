@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ocr_cluster import logs, ray_defaults, storage
 from ocr_cluster.config import Config, parse_size, with_dataset
 from ocr_cluster.errors import ReportedFailure, UserInputError
-from ocr_cluster.train import phases
+from ocr_cluster.train import bytecode, phases
 from ocr_cluster.train.layout import RunLayout, checkpoint_iteration
 
 
@@ -294,32 +294,6 @@ def warn_if_no_data_cpus(cfg: Config, layout: RunLayout) -> None:
         print(line, flush=True)
 
 
-def bytecode_warning(modules=("torch", "ray")) -> str | None:
-    """One warning line when these packages have no byte-code cache beside them, else None.
-
-    A Ray job starts a dozen Python processes (controller, workers, Ray Data's actors and tasks) that import
-    Ray and most of them torch. Without cached byte code (pip --no-compile, then PYTHONDONTWRITEBYTECODE or
-    a read-only install) each process compiles them from source again: start-up 54 s against 29 s on 2 cores
-    (benchmarks/README.md, "From `ray job submit` to the first logged step")."""
-    import importlib.util
-
-    missing, where = [], []
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin and spec.origin.endswith(".py") \
-                and not os.path.exists(importlib.util.cache_from_source(spec.origin)):
-            missing.append(name)
-            folder = os.path.dirname(os.path.dirname(spec.origin)) if spec.submodule_search_locations \
-                else os.path.dirname(spec.origin)  # the folder that holds the package (site-packages)
-            where += [folder] if folder not in where else []
-    if not missing:
-        return None
-    one = len(missing) == 1
-    return (f"warning: {' and '.join(missing)} {'is' if one else 'are'} not byte-compiled in this Python, so every "
-            f"Ray process compiles {'it' if one else 'them'} again (about twice the start-up); compile once with: "
-            f"python -m compileall -q -j 0 {' '.join(where)}")
-
-
 def _node_reads(uri: str) -> str | None:
     """Run on a cluster node: None when `uri` is there to read, else why not, in one line."""
     try:
@@ -418,9 +392,7 @@ def run(cfg: Config, callbacks=(), in_trial: bool = False) -> int:
         print("note: no model.pretrained_backbone: training from random initialisation; the published "
               "numbers start from ImageNet weights", flush=True)
     if not in_trial:  # a Tune sweep says it once (sweep/tune.run_sweep), not once per trial
-        slow_imports = bytecode_warning()
-        if slow_imports:
-            print(slow_imports, flush=True)
+        bytecode.warn_if_not_compiled()
     connect_ray(cfg, layout)
     phases.mark("ray_connected")
     cfg = size_cpus_per_worker(cfg, layout)
