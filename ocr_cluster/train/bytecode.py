@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 
 def bytecode_warning(modules=("torch", "ray")) -> str | None:
@@ -35,7 +34,8 @@ def bytecode_warning(modules=("torch", "ray")) -> str | None:
             f"python -m compileall -q -j 0 {' '.join(where)}")
 
 
-def warn_if_not_compiled(file=sys.stdout) -> None:
+def warn_if_not_compiled(file=None) -> None:
+    """Print bytecode_warning's line, if any, to `file` (sys.stdout as it is at the call)."""
     line = bytecode_warning()
     if line:
         print(line, file=file, flush=True)
