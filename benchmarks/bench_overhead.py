@@ -18,7 +18,8 @@
            iterations --warmup and --iters on rank 0, divided by the steps; CPU = the rank processes' own CPU
            seconds (time.process_time, all threads: for Ray also its core-worker threads) over the same steps.
            The whole machine's CPU split by process group (training ranks, data, Ray system) comes from /proc
-           over the same window.
+           over the same window. --workers 1 trains one rank on each side (the same global batch), leaving one
+           core of a 2-core machine to Ray's other processes, as a GPU node's spare cores do.
 --startup  One tiny cell (as --steps, log_interval 1) submitted --repeats times to the warm head; the driver
            and the workers mark each start-up phase (ocr_cluster.train.phases, OCR_CLUSTER_STARTUP_TRACE): the
            table says where the time from `ray job submit` to the first logged step goes.
@@ -63,10 +64,10 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))}, n={len(values)})"
 
 
-def cell(tmp: Path, data: Path, name: str, iters: int, log_interval: int) -> Path:
+def cell(tmp: Path, data: Path, name: str, iters: int, log_interval: int, workers: int = 2) -> Path:
     """The quickstart cell with its own storage, no evaluation or checkpoint before the last iteration."""
     where = tmp / name
-    body = {"base": str(REPO / "jobs/quickstart.yaml"),
+    body = {"base": str(REPO / "jobs/quickstart.yaml"), "cluster": {"num_workers": workers},
             "data": {"uri": str(data)},
             "schedule": {"iters": iters, "log_interval": log_interval, "checkpoint_interval": iters},
             "evaluation": {"interval": iters},
@@ -196,7 +197,9 @@ def plain_worker(cell_path: str, loader_workers: int) -> None:
             self.resumed_clock = None
             model = self._build_model(fresh=True)
             # fast-path options, DDP, optimizer and scaler exactly as the Ray Trainer (its wrap is DDP on CPU)
-            self._prepare(model, wrap=lambda m: torch.nn.parallel.DistributedDataParallel(m, **ddp_options(m)))
+            # (with one worker prepare_model leaves the model unwrapped, so this does too)
+            self._prepare(model, wrap=lambda m: m if world == 1 else
+                          torch.nn.parallel.DistributedDataParallel(m, **ddp_options(m)))
             self.start_iter = 0
             torch.manual_seed(worker_seed(cfg.run.seed, rank))
             self.class_weight = torch.tensor(cfg.loss.class_weight) if cfg.loss.class_weight else None
@@ -314,7 +317,7 @@ def measured_run(way: str, tmp: Path, data: Path, head: RayHead, args, index: in
     name = f"{way}{index}"
     trace = tmp / f"{name}_trace"
     trace.mkdir()
-    path = cell(tmp, data, name, args.iters, args.log_interval)
+    path = cell(tmp, data, name, args.iters, args.log_interval, args.workers)
     snaps: dict[int, tuple[float, dict]] = {}
     roots: list[int] = []
 
@@ -333,28 +336,28 @@ def measured_run(way: str, tmp: Path, data: Path, head: RayHead, args, index: in
         roots[:] = head.roots()
         try:
             done = follow(proc, on_iter, args.iters, seen)
-            wait_for_trace(trace, args.iters, 2)
+            wait_for_trace(trace, args.iters, args.workers)
         finally:
             stop_job(head, job, proc)
     else:
         env = {**os.environ, "OCR_CLUSTER_STEP_TRACE": str(trace), "PYTHONPATH": str(REPO)}
-        env.pop("OMP_NUM_THREADS", None)  # torchrun sets 1 per rank, as Ray sets it from the worker's 1 CPU
+        env["OMP_NUM_THREADS"] = "1"  # as Ray sets it from the worker's 1 CPU (torchrun does only for 2+ ranks)
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                                 "--nproc-per-node", "2", __file__, "--plain-worker", str(path),
+                                 "--nproc-per-node", str(args.workers), __file__, "--plain-worker", str(path),
                                  "--loader-workers", str(args.loader_workers)],
                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         roots[:] = [proc.pid]
         try:
             done = follow(proc, on_iter, args.iters, seen)
-            wait_for_trace(trace, args.iters, 2)
+            wait_for_trace(trace, args.iters, args.workers)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
     if done is None or set(snaps) != {args.warmup, args.iters}:
         raise RuntimeError(f"{way}: no iter {args.iters} line:\n" + "".join(seen[-30:]))
-    result = window(trace, args.warmup, args.iters, 2)
+    result = window(trace, args.warmup, args.iters, args.workers)
     (_, c0), (_, c1) = snaps[args.warmup], snaps[args.iters]
     steps = args.iters - args.warmup
     result.update({f"cpu/step {g}": v / steps for g, v in cpu_delta(c0, c1).items()})
@@ -498,6 +501,8 @@ def main() -> int:
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--loader-workers", type=int, default=1,
                         help="torchrun side: DataLoader worker processes per rank (0: decode on the training thread)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="--steps: training ranks on each side (1 leaves a core of a 2-core machine to the rest)")
     parser.add_argument("--ways", default="ray,torchrun", help="--steps: which sides, in the first round's order")
     parser.add_argument("--warm-jobs", type=int, default=1, help="jobs run on the fresh head before measuring")
     parser.add_argument("--lean", action="store_true",
