@@ -27,7 +27,9 @@ def model():
     torch.manual_seed(0)
     net = ref.seeded_model()
     meta = json.loads(str(np.load(DATA / "mmseg_fidelity_slide.npz")["meta"]))
-    assert ref.weight_checksum(net.state_dict()) == pytest.approx(meta["checksum"], rel=1e-9), \
+    # BN statistics come from an fp32 forward, whose last bits depend on the CPU's kernels (AVX-512 or
+    # AVX2): 6e-9 apart between the two; a change to the seeding moves the sum by far more than 1e-6.
+    assert ref.weight_checksum(net.state_dict()) == pytest.approx(meta["checksum"], rel=1e-6), \
         "the seeded weights differ from the ones the fixtures were exported with"
     return net
 
